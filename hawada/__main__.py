@@ -1,0 +1,3 @@
+from hawada.cli import main
+
+raise SystemExit(main())

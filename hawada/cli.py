@@ -1,0 +1,134 @@
+"""The ``hawada`` command: optimize, profile, export, eval.
+
+Bad input exits with code 2 and one line on stderr naming the cause; nothing half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import yaml
+
+from hawada.config import RecipeError, load_recipe
+from hawada.core.export import ExportError
+
+# Errors that describe bad input; anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    RecipeError,
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    PermissionError,
+    ExportError,
+    yaml.YAMLError,
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        sys.stderr.write(f"hawada: error: {message}\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="hawada", description="Hardware-aware pruning with distillation.")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    o = sub.add_parser("optimize", help="attach -> train -> search -> export -> fine-tune -> report")
+    o.add_argument("recipe")
+    o.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    pr = sub.add_parser("profile", help="measure keep-all latency, or the proxy's fidelity")
+    pr.add_argument("recipe")
+    pr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    pr.add_argument(
+        "--fidelity", action="store_true", help="proxy error on held-out random sub-architectures"
+    )
+    pr.add_argument("--points", type=int, default=20)
+    pr.add_argument("--out", default=None, help="write the JSON result here")
+    ex = sub.add_parser("export", help="re-export a saved slim model into another folder")
+    ex.add_argument("model_dir")
+    ex.add_argument("out_dir")
+    ev = sub.add_parser("eval", help="latency of a saved slim model")
+    ev.add_argument("model_dir")
+    ev.add_argument("--batch-size", type=int, default=None)
+    ev.add_argument("--device", default="cpu")
+    return p
+
+
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    from hawada.pipeline import optimize
+    from hawada.report import format_report
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    report = optimize(recipe, log=lambda s: print(s, flush=True))
+    print(format_report(report))
+    print(f"report: {os.path.join(report['output_dir'], 'report.json')}")
+    return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from hawada.profile import profile_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.points < 2:
+        raise RecipeError("--points must be >= 2")
+    res = profile_recipe(
+        recipe, fidelity=args.fidelity, points=args.points, log=lambda s: print(s, flush=True)
+    )
+    text = json.dumps(res, indent=1)
+    if args.out:
+        tmp = args.out + ".partial"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, args.out)
+    print(json.dumps(res.get("summary", res), indent=1))
+    return 0
+
+
+def _load_slim(path: str):
+    from hawada.slim_io import load_slim
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model folder not found: {path}")
+    return load_slim(path)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from hawada.slim_io import save_slim
+
+    model = _load_slim(args.model_dir)
+    if os.path.exists(args.out_dir) and os.listdir(args.out_dir):
+        raise ValueError(f"output folder {args.out_dir} exists and is not empty")
+    save_slim(model, args.out_dir)
+    print(f"saved {args.out_dir}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from hawada.core.profiler import measure_latency_ms
+    from hawada.slim_io import example_inputs_for
+
+    model = _load_slim(args.model_dir).to(args.device)
+    res = measure_latency_ms(model, example_inputs_for(model, args.batch_size), device=args.device)
+    print(json.dumps(res.to_dict(), indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cmds = {"optimize": _cmd_optimize, "profile": _cmd_profile, "export": _cmd_export, "eval": _cmd_eval}
+    try:
+        return cmds[args.cmd](args)
+    except USER_ERRORS as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        sys.stderr.write(f"hawada: error: {msg}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("hawada: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

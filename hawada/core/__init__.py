@@ -1,0 +1,42 @@
+"""Family-agnostic engine. Never imports an adapter."""
+
+from hawada.core.distill import KDConfig, kd_loss, mse_reg
+from hawada.core.export import (
+    ExportPolicy,
+    Rounding,
+    keep_element_indices_from_gate,
+    keep_group_indices_from_gate,
+    slice_conv2d,
+    slice_embedding,
+    slice_linear,
+)
+from hawada.core.gates import (
+    GateConfig,
+    GateStore,
+    PenaltyWeights,
+    combined_penalty,
+    project_gates_into_constraints,
+)
+from hawada.core.profiler import measure_latency_ms
+from hawada.core.proxy_cost import CostTerm, LatencyProxy
+
+__all__ = [
+    "KDConfig",
+    "kd_loss",
+    "mse_reg",
+    "combined_penalty",
+    "project_gates_into_constraints",
+    "LatencyProxy",
+    "CostTerm",
+    "measure_latency_ms",
+    "ExportPolicy",
+    "Rounding",
+    "keep_group_indices_from_gate",
+    "keep_element_indices_from_gate",
+    "slice_linear",
+    "slice_conv2d",
+    "slice_embedding",
+    "GateConfig",
+    "GateStore",
+    "PenaltyWeights",
+]

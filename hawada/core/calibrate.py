@@ -1,0 +1,67 @@
+"""Measured sub-architectures: the points the latency proxy is calibrated and checked on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from hawada.core.export import ExportPolicy, export, store_of
+from hawada.core.profiler import measure_latency_ms
+from hawada.core.proxy_cost import set_random_keep, set_uniform_keep
+
+
+def measure_subarchs(
+    gated: nn.Module, inputs: Any, device: str, logits: list[torch.Tensor], **mkw: Any
+) -> list[tuple[torch.Tensor, float]]:
+    """For each logits vector: (open units ``[S]``, measured median ms of its export)."""
+    store = store_of(gated)
+    saved = store.logits.detach().clone()
+    out = []
+    try:
+        for lg in logits:
+            with torch.no_grad():
+                store.logits.copy_(lg)
+            slim = export(gated, ExportPolicy(check=False)).to(device)
+            out.append(
+                (
+                    store.open_units().detach().cpu(),
+                    measure_latency_ms(slim, inputs, device=device, **mkw).median_ms,
+                )
+            )
+    finally:
+        with torch.no_grad():
+            store.logits.copy_(saved)
+    return out
+
+
+def calibration_logits(gated: nn.Module, n: int, seed: int) -> list[torch.Tensor]:
+    """``n`` logits vectors: uniform keep fractions first, then random sub-architectures."""
+    store = store_of(gated)
+    saved = store.logits.detach().clone()
+    gen = torch.Generator().manual_seed(seed)
+    fracs = [1.0, 0.7, 0.45, 0.25]
+    out = []
+    for i in range(n):
+        if i < len(fracs):
+            set_uniform_keep(store, fracs[i])
+        else:
+            set_random_keep(store, gen)
+        out.append(store.logits.detach().clone())
+    with torch.no_grad():
+        store.logits.copy_(saved)
+    return out
+
+
+def random_logits(gated: nn.Module, n: int, seed: int) -> list[torch.Tensor]:
+    store = store_of(gated)
+    saved = store.logits.detach().clone()
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        set_random_keep(store, gen)
+        out.append(store.logits.detach().clone())
+    with torch.no_grad():
+        store.logits.copy_(saved)
+    return out

@@ -1,0 +1,160 @@
+"""Distillation losses and teacher/student agreement metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class KDConfig:
+    """Distillation loss weights.
+
+    ``temperature``: softmax temperature T of the KL term (scaled by T^2).
+    ``alpha_kl``/``alpha_mse``: weights of KL and logit MSE (models with logits).
+    ``alpha_cos``/``alpha_emb_mse``: weights of cosine and MSE on embeddings (encoders).
+    ``chunk_tokens``: rows per chunk for per-token KL over large vocabularies.
+    """
+
+    temperature: float = 2.0
+    alpha_kl: float = 1.0
+    alpha_mse: float = 0.0
+    alpha_cos: float = 1.0
+    alpha_emb_mse: float = 1.0
+    chunk_tokens: int = 4096
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"kd temperature must be > 0, got {self.temperature}")
+        for k in ("alpha_kl", "alpha_mse", "alpha_cos", "alpha_emb_mse"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"kd {k} must be >= 0, got {getattr(self, k)}")
+        if self.chunk_tokens < 1:
+            raise ValueError(f"kd chunk_tokens must be >= 1, got {self.chunk_tokens}")
+
+
+def _kl_rows(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``[R, C], [R, C] -> [R]``: KL(teacher || student) per row at temperature T."""
+    log_p_s = F.log_softmax(s.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(t.float() / temperature, dim=-1)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 2.0,
+    mask: torch.Tensor | None = None,
+    chunk_tokens: int = 4096,
+) -> torch.Tensor:
+    """KL(teacher || student) at temperature T, times T^2.
+
+    Shapes: ``[B, C]`` logits give the batch mean (``batchmean``). ``[B, L, V]`` logits give
+    the mean over the positions where ``mask`` (``[B, L]``, 1 = real token) is set, over all
+    positions when ``mask`` is None. Sequence logits are processed ``chunk_tokens`` rows at a
+    time so the soft targets of the whole batch are never held twice.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs "
+            f"{tuple(teacher_logits.shape)}"
+        )
+    c = student_logits.shape[-1]
+    s = student_logits.reshape(-1, c)
+    t = teacher_logits.reshape(-1, c).detach()
+    if mask is not None:
+        w = mask.reshape(-1).to(s.dtype if s.is_floating_point() else torch.float32)
+        if w.numel() != s.shape[0]:
+            raise ValueError(f"mask has {w.numel()} positions, logits have {s.shape[0]}")
+    else:
+        w = None
+    total = s.new_zeros((), dtype=torch.float32)
+    for i in range(0, s.shape[0], chunk_tokens):
+        rows = _kl_rows(s[i : i + chunk_tokens], t[i : i + chunk_tokens], temperature)
+        total = total + (rows if w is None else rows * w[i : i + chunk_tokens].float()).sum()
+    denom = s.shape[0] if w is None else w.float().sum().clamp_min(1.0)
+    return total / denom * temperature**2
+
+
+def mse_reg(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error; with ``mask`` ``[B, L]`` for ``[B, L, D]`` inputs, over real tokens only."""
+    diff = (student.float() - teacher.detach().float()) ** 2
+    if mask is None:
+        return diff.mean()
+    m = mask.to(diff.dtype).unsqueeze(-1)
+    return (diff * m).sum() / (m.sum() * diff.shape[-1]).clamp_min(1.0)
+
+
+def cosine_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``[B, D], [B, D] -> scalar``: mean of 1 - cos(student, teacher)."""
+    return (1.0 - F.cosine_similarity(student.float(), teacher.detach().float(), dim=-1)).mean()
+
+
+def embedding_loss(student: torch.Tensor, teacher: torch.Tensor, cfg: KDConfig) -> torch.Tensor:
+    """``[B, D]`` embeddings: alpha_cos * cosine loss + alpha_emb_mse * MSE."""
+    loss = student.new_zeros((), dtype=torch.float32)
+    if cfg.alpha_cos:
+        loss = loss + cfg.alpha_cos * cosine_loss(student, teacher)
+    if cfg.alpha_emb_mse:
+        loss = loss + cfg.alpha_emb_mse * mse_reg(student, teacher)
+    return loss
+
+
+def distill_loss(
+    student_out: torch.Tensor,
+    teacher_out: torch.Tensor,
+    cfg: KDConfig,
+    kind: str = "logits",
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The distillation loss an adapter asks for: ``kind`` is ``logits`` or ``embedding``."""
+    if kind == "embedding":
+        return embedding_loss(student_out, teacher_out, cfg)
+    loss = student_out.new_zeros((), dtype=torch.float32)
+    if cfg.alpha_kl:
+        loss = loss + cfg.alpha_kl * kd_loss(
+            student_out, teacher_out, cfg.temperature, mask, cfg.chunk_tokens
+        )
+    if cfg.alpha_mse:
+        loss = loss + cfg.alpha_mse * mse_reg(student_out, teacher_out, mask)
+    return loss
+
+
+# ---------------------------------------------------------------------- agreement metrics
+@torch.no_grad()
+def top1_agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> float:
+    """Fraction of rows (``[B, C]``) where the student's argmax equals the teacher's."""
+    return (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean().item()
+
+
+@torch.no_grad()
+def mean_cosine(student: torch.Tensor, teacher: torch.Tensor) -> float:
+    """Mean cosine similarity of ``[B, D]`` embeddings."""
+    return F.cosine_similarity(student.float(), teacher.float(), dim=-1).mean().item()
+
+
+@torch.no_grad()
+def retrieval_agreement(student: torch.Tensor, teacher: torch.Tensor, k: int = 10) -> dict[str, float]:
+    """Nearest-neighbour agreement of ``[N, D]`` embeddings over the same N items.
+
+    For each item, its neighbours (itself excluded) by cosine under each model:
+    ``top1`` = fraction whose nearest neighbour is the same, ``top{k}`` = mean overlap of the
+    k-nearest sets.
+    """
+    n = student.shape[0]
+    if n < 2:
+        raise ValueError("retrieval agreement needs at least 2 items")
+    k = min(k, n - 1)
+
+    def knn(e: torch.Tensor) -> torch.Tensor:
+        e = F.normalize(e.float(), dim=-1)
+        sim = e @ e.T
+        sim.fill_diagonal_(-float("inf"))
+        return sim.topk(k, dim=-1).indices
+
+    ks, kt = knn(student), knn(teacher)
+    top1 = (ks[:, 0] == kt[:, 0]).float().mean().item()
+    overlap = torch.tensor([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(ks, kt)]).mean().item()
+    return {"top1": top1, f"top{k}": overlap}

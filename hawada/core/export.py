@@ -1,0 +1,329 @@
+"""Export: keep sets from gates, slicing primitives, and the checked family-agnostic export.
+
+The family-specific rebuild is done by the adapter object that ``attach`` stored on the
+gated model (``model._hawada_adapter``); this module never imports an adapter.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from hawada.core.gates import GateStore
+
+ROUND_MODES = ("nearest", "floor", "ceil")
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be made, or that would break DESIGN invariant 2."""
+
+
+@dataclass(frozen=True)
+class Rounding:
+    """Round each segment's kept unit count to a multiple the device runs fast.
+
+    ``multiple``: units are kept in multiples of this (the segment's full size always counts
+    as allowed). ``mode``: ``nearest``, ``floor`` or ``ceil``. ``min_keep_ratio``: never
+    keep fewer than this fraction of the units. A segment with no open unit stays closed
+    unless ``min_keep_ratio`` > 0; an open segment never rounds down to zero.
+    """
+
+    multiple: int = 1
+    mode: str = "nearest"
+    min_keep_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.multiple < 1:
+            raise ValueError(f"rounding multiple must be >= 1, got {self.multiple}")
+        if self.mode not in ROUND_MODES:
+            raise ValueError(f"rounding mode {self.mode!r} is not one of {ROUND_MODES}")
+        if not 0.0 <= self.min_keep_ratio <= 1.0:
+            raise ValueError(f"min_keep_ratio must be in [0, 1], got {self.min_keep_ratio}")
+
+    def apply(self, open_units: int, units: int) -> int:
+        m = self.multiple
+        if open_units > 0:
+            f = {"nearest": round, "floor": math.floor, "ceil": math.ceil}[self.mode]
+            k = max(m, int(f(open_units / m)) * m)
+        else:
+            k = 0
+        k = max(k, math.ceil(self.min_keep_ratio * units))
+        return min(k, units)
+
+
+@dataclass
+class ExportPolicy:
+    """How gates become a slim model.
+
+    The default applies no rounding and keeps exactly the units whose gates are open in eval
+    mode. ``rounding`` applies to every kind unless ``per_kind`` names one. ``check``: verify
+    the slim model against the gated model on a probe batch (invariant 2) and refuse to
+    return a model that breaks it, at relative error ``tolerance``.
+    """
+
+    rounding: Rounding | None = None
+    per_kind: dict[str, Rounding] = field(default_factory=dict)
+    check: bool = True
+    tolerance: float = 1e-4
+
+    def rounding_for(self, kind: str) -> Rounding | None:
+        return self.per_kind.get(kind, self.rounding)
+
+
+# ---------------------------------------------------------------------- keep sets
+def keep_group_indices_from_gate(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """``[G] -> [k]``: indices of the ``k`` largest gate logits, ascending (ties: lower index)."""
+    k = int(k)
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.long, device=logits.device)
+    order = torch.sort(logits.detach(), descending=True, stable=True).indices
+    return order[:k].sort().values
+
+
+def keep_element_indices_from_gate(logits: torch.Tensor, group_size: int, units: int, k: int) -> torch.Tensor:
+    """``[G] -> [k]``: the ``k`` kept unit indices when each gate covers ``group_size`` units.
+
+    Units inherit their gate's logit; whole groups are taken in logit order, and a rounded
+    count that splits a group keeps that group's lowest units.
+    """
+    unit_logits = logits.detach().repeat_interleave(group_size)[:units]
+    return keep_group_indices_from_gate(unit_logits, k)
+
+
+def keep_counts(store: GateStore, policy: ExportPolicy | None = None) -> dict[str, int]:
+    """Kept unit count per segment under ``policy``."""
+    policy = policy or ExportPolicy()
+    open_u = [int(round(v)) for v in store.open_units().tolist()]
+    out = {}
+    for seg, o in zip(store.segments, open_u):
+        r = policy.rounding_for(seg.kind)
+        out[seg.name] = o if r is None else r.apply(o, seg.units)
+    return out
+
+
+def keep_indices(store: GateStore, policy: ExportPolicy | None = None) -> dict[str, torch.Tensor]:
+    """Kept unit indices (ascending, long, on CPU) per segment under ``policy``."""
+    counts = keep_counts(store, policy)
+    lg = store.logits.detach().cpu()
+    return {
+        s.name: keep_element_indices_from_gate(lg[s.start : s.stop], s.group_size, s.units, counts[s.name])
+        for s in store.segments
+    }
+
+
+def unit_masks_from_keep(store: GateStore, keep: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{name: [units] float mask}`` with ones at the kept indices."""
+    out = {}
+    for s in store.segments:
+        m = torch.zeros(s.units, device=store.logits.device, dtype=store.logits.dtype)
+        m[keep[s.name].to(m.device)] = 1.0
+        out[s.name] = m
+    return out
+
+
+def kept_gate_mass(store: GateStore, keep: dict[str, torch.Tensor]) -> float:
+    """Sum over kept units of their gate probability, over the whole store's probability mass."""
+    with torch.no_grad():
+        p = store.probs().detach().cpu()
+    total, kept = 0.0, 0.0
+    for s in store.segments:
+        unit_p = p[s.start : s.stop].repeat_interleave(s.group_size)[: s.units]
+        total += float(unit_p.sum())
+        kept += float(unit_p[keep[s.name]].sum())
+    return kept / max(total, 1e-12)
+
+
+# ---------------------------------------------------------------------- slicing primitives
+def _idx(idx: torch.Tensor | None, size: int, what: str) -> torch.Tensor | None:
+    if idx is None:
+        return None
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{what} indices must be int64 or int32, got {idx.dtype}")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
+        raise IndexError(f"{what} indices out of range [0, {size})")
+    return idx.long()
+
+
+def slice_tensor(t: torch.Tensor, dim: int, idx: torch.Tensor | None) -> torch.Tensor:
+    """A new contiguous tensor with ``t``'s entries at ``idx`` along ``dim``."""
+    idx = _idx(idx, t.shape[dim], "slice")
+    if idx is None:
+        return t.detach().clone()
+    return t.detach().index_select(dim, idx.to(t.device)).contiguous()
+
+
+def slice_linear(
+    lin: nn.Linear, out_idx: torch.Tensor | None = None, in_idx: torch.Tensor | None = None
+) -> nn.Linear:
+    """A new ``nn.Linear`` keeping output rows ``out_idx`` and input columns ``in_idx``."""
+    w = slice_tensor(slice_tensor(lin.weight, 0, out_idx), 1, in_idx)
+    new = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if lin.bias is not None:
+            new.bias.copy_(slice_tensor(lin.bias, 0, out_idx))
+    new.train(lin.training)
+    return new
+
+
+def slice_conv2d(
+    conv: nn.Conv2d, out_idx: torch.Tensor | None = None, in_idx: torch.Tensor | None = None
+) -> nn.Conv2d:
+    """A new ``nn.Conv2d`` keeping output channels ``out_idx`` and input channels ``in_idx``."""
+    if conv.groups != 1:
+        raise ExportError(f"slicing grouped convolutions (groups={conv.groups}) is not supported")
+    w = slice_tensor(slice_tensor(conv.weight, 0, out_idx), 1, in_idx)
+    new = nn.Conv2d(
+        w.shape[1],
+        w.shape[0],
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        1,
+        conv.bias is not None,
+        conv.padding_mode,
+        device=w.device,
+        dtype=w.dtype,
+    )
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if conv.bias is not None:
+            new.bias.copy_(slice_tensor(conv.bias, 0, out_idx))
+    new.train(conv.training)
+    return new
+
+
+def slice_batchnorm(
+    bn: nn.modules.batchnorm._BatchNorm, idx: torch.Tensor | None
+) -> nn.modules.batchnorm._BatchNorm:
+    """A new BatchNorm of the same class keeping channels ``idx``."""
+    n = bn.num_features if idx is None else int(idx.numel())
+    new = type(bn)(n, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    new = new.to(device=bn.weight.device if bn.affine else bn.running_mean.device)
+    with torch.no_grad():
+        if bn.affine:
+            new.weight.copy_(slice_tensor(bn.weight, 0, idx))
+            new.bias.copy_(slice_tensor(bn.bias, 0, idx))
+        if bn.track_running_stats:
+            new.running_mean.copy_(slice_tensor(bn.running_mean, 0, idx))
+            new.running_var.copy_(slice_tensor(bn.running_var, 0, idx))
+            new.num_batches_tracked.copy_(bn.num_batches_tracked)
+    new.train(bn.training)
+    return new
+
+
+def slice_embedding(emb: nn.Embedding, dim_idx: torch.Tensor | None) -> nn.Embedding:
+    """A new ``nn.Embedding`` keeping embedding dimensions ``dim_idx``."""
+    w = slice_tensor(emb.weight, 1, dim_idx)
+    new = nn.Embedding(w.shape[0], w.shape[1], padding_idx=emb.padding_idx, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(w)
+    return new
+
+
+# ---------------------------------------------------------------------- checked export
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / max(||b||, tiny), in float64."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def adapter_of(model: nn.Module):
+    """The adapter object ``attach`` stored on a gated model."""
+    ad = getattr(model, "_hawada_adapter", None)
+    if ad is None:
+        raise ExportError("model has no gates: call hawada.attach(model) first")
+    return ad
+
+
+def store_of(model: nn.Module) -> GateStore:
+    store = getattr(model, "hawada_gates", None)
+    if not isinstance(store, GateStore):
+        raise ExportError("model has no gates: call hawada.attach(model) first")
+    return store
+
+
+def export(gated: nn.Module, policy: ExportPolicy | None = None, example_inputs=None) -> nn.Module:
+    """A new, physically smaller plain model; ``gated`` is left untouched.
+
+    With ``policy.check`` the slim model's outputs are compared with the eval-mode gated
+    model's (gates forced to the exported keep set) on ``example_inputs`` (the adapter's
+    probe batch when None); an export that differs by more than ``policy.tolerance`` relative
+    error raises :class:`ExportError` instead of being returned.
+    """
+    policy = policy or ExportPolicy()
+    adapter, store = adapter_of(gated), store_of(gated)
+    keep = keep_indices(store, policy)
+    for seg in store.segments:
+        if seg.kind == "stage" and keep[seg.name].numel() == 0:
+            raise ExportError(
+                f"residual stream {seg.name!r} has every channel closed; a model without it "
+                "cannot be exported (keep at least one gate of each stage open)"
+            )
+    slim = adapter.export_pruned(gated, keep)
+    if policy.check:
+        check_export(gated, slim, keep, example_inputs, policy.tolerance)
+    return slim
+
+
+def export_keepall(gated: nn.Module) -> nn.Module:
+    """The original architecture without gates (a new model)."""
+    return adapter_of(gated).export_keepall(gated)
+
+
+@torch.no_grad()
+def check_export(
+    gated: nn.Module,
+    slim: nn.Module,
+    keep: dict[str, torch.Tensor],
+    example_inputs=None,
+    tolerance: float = 1e-4,
+) -> float:
+    """Relative error of ``slim`` against ``gated`` in eval mode with gates forced to ``keep``.
+
+    Raises :class:`ExportError` above ``tolerance``; returns the error otherwise.
+    """
+    adapter, store = adapter_of(gated), store_of(gated)
+    if example_inputs is None:
+        example_inputs = adapter.example_inputs(gated)
+    was_g, was_s = gated.training, slim.training
+    gated.eval()
+    slim.eval()
+    try:
+        with store.override(unit_masks_from_keep(store, keep)):
+            ref = adapter.check_output(gated, example_inputs)
+        out = adapter.check_output(slim, example_inputs)
+    finally:
+        gated.train(was_g)
+        slim.train(was_s)
+    if out.shape != ref.shape:
+        raise ExportError(
+            f"exported model output shape {tuple(out.shape)} != gated model's {tuple(ref.shape)}"
+        )
+    err = relative_error(out, ref)
+    if not err <= tolerance:
+        raise ExportError(
+            f"exported model differs from the gated model: relative error {err:.3g} > {tolerance:g}"
+        )
+    return err
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def clone_without_gates(model: nn.Module) -> nn.Module:
+    """Deep copy of ``model`` (gated or not) with store, hooks and adapter reference removed."""
+    from hawada.core.hooks import strip_gate_hooks
+
+    store = getattr(model, "hawada_gates", None)
+    if isinstance(store, GateStore):
+        store.refresh()  # cached masks of a training forward are not graph leaves
+    new = copy.deepcopy(model)
+    strip_gate_hooks(new)
+    return new

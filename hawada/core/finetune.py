@@ -1,0 +1,148 @@
+"""KD fine-tuning of an exported (plain, slim) model."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from hawada.core.distill import KDConfig, distill_loss
+from hawada.core.train import cycle, to_device
+
+
+@dataclass
+class FinetuneConfig:
+    """``steps`` of AdamW at ``lr`` with linear warm-up then cosine decay, stepped per step."""
+
+    steps: int = 100
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    eval_every: int = 50
+    bn_recalib_batches: int = 10
+    grad_clip: float = 1.0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"finetune.steps must be >= 0, got {self.steps}")
+
+
+def lr_lambda(step: int, warmup: int, total: int) -> float:
+    """Multiplier of the base LR at ``step``: linear warm-up, then cosine to zero."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    span = max(total - warmup, 1)
+    return 0.5 * (1 + math.cos(math.pi * min(step - warmup, span) / span))
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module, loader: Iterable, model_inputs: Callable[[Any], Any], batches: int, device: torch.device
+) -> int:
+    """Re-estimate every BatchNorm's running statistics (cumulative average over ``batches``).
+
+    Returns the number of BN layers reset (0 leaves the model untouched).
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or batches <= 0:
+        return 0
+    saved = [(m.momentum, m.training) for m in bns]
+    was = model.training
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    it = cycle(loader)
+    for _ in range(batches):
+        x = model_inputs(to_device(next(it), device))
+        model(**x) if isinstance(x, dict) else model(x)
+    for m, (mom, tr) in zip(bns, saved):
+        m.momentum = mom
+        m.train(tr)
+    model.train(was)
+    return len(bns)
+
+
+def finetune_student(
+    student: nn.Module,
+    teacher: nn.Module,
+    adapter: Any,
+    loader: Iterable,
+    cfg: FinetuneConfig | None = None,
+    kd: KDConfig | None = None,
+    evaluate: Callable[[nn.Module], float] | None = None,
+) -> tuple[nn.Module, list[dict]]:
+    """KD fine-tune ``student`` in place against ``teacher``; returns (best model, history).
+
+    ``evaluate(model) -> score`` (higher is better) runs every ``cfg.eval_every`` steps and
+    at the end; the best-scoring weights are kept. BatchNorm statistics are recalibrated on
+    the training data before training and before each evaluation.
+    """
+    cfg, kd = cfg or FinetuneConfig(), kd or KDConfig()
+    device = next(student.parameters()).device
+    teacher.eval()
+    hist: list[dict] = []
+
+    def recal():
+        return recalibrate_batchnorm(student, loader, adapter.model_inputs, cfg.bn_recalib_batches, device)
+
+    recal()
+    best_score, best_state = -math.inf, None
+
+    def consider(step: int) -> None:
+        nonlocal best_score, best_state
+        if evaluate is None:
+            return
+        score = float(evaluate(student))
+        hist.append({"step": step, "eval": score})
+        if score > best_score:
+            best_score, best_state = score, copy.deepcopy(student.state_dict())
+
+    consider(0)
+    if cfg.steps > 0:
+        opt = torch.optim.AdamW(
+            [p for p in student.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.steps))
+        it = cycle(loader)
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, desc="finetune", dynamic_ncols=True)
+        for step in range(1, cfg.steps + 1):
+            student.train()
+            batch = to_device(next(it), device)
+            with torch.inference_mode():
+                t_out = adapter.output(teacher, batch)
+            loss = distill_loss(
+                adapter.output(student, batch), t_out.clone(), kd, adapter.kd_kind, adapter.kd_mask(batch)
+            )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            hist.append({"step": step, "kd": float(loss.detach()), "lr": sched.get_last_lr()[0]})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(kd=f"{float(loss):.4f}")
+            if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                recal()
+                consider(step)
+        if bar is not None:
+            bar.close()
+        if evaluate is None:
+            recal()
+    if best_state is not None:
+        student.load_state_dict(best_state)
+    student.eval()
+    return student, hist

@@ -1,0 +1,407 @@
+"""Gates: every gate of a model lives in one GateStore.
+
+A GateStore holds ONE flat 1-D ``nn.Parameter`` of logits and a segment table. A segment is a
+run of consecutive gates that belong to one prunable structure (a block's inner channels, a
+residual stream, the heads of one attention layer, the FFN groups of one layer, ...). Each gate
+covers ``group_size`` consecutive units (channels, heads, neurons); the last gate of a segment
+may cover fewer when the unit count is not a multiple of the group size.
+
+Because the whole model's gates are one vector, penalties, the latency proxy's expected widths
+and the constraint projection are whole-vector operations (segment sums via ``index_add``),
+never Python loops over modules.
+
+Probability (DESIGN invariant 3): ``GateStore.probs()`` is the probability that a gate is
+non-zero under the very distribution the training forward samples from:
+
+* ``hard_concrete``: z = clamp(sigmoid((log u - log(1-u) + l) / tau) * (zeta - gamma) + gamma, 0, 1),
+  P(z > 0) = sigmoid(l - tau * log(-gamma / zeta)).
+* ``sigmoid``: deterministic soft mask z = sigmoid(l / tau); "probability" sigmoid(l / tau).
+* ``ste``: z ~ Bernoulli(sigmoid(l / tau)) with a straight-through gradient; P = sigmoid(l / tau).
+
+In eval mode every gate is hard: open iff its logit > 0 (invariant 2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+GATE_MODES = ("hard_concrete", "sigmoid", "ste")
+KINDS = ("block", "stage", "head", "ffn", "kv_group")
+
+
+@dataclass
+class GateConfig:
+    """How gates are attached and sampled.
+
+    Args:
+        mode: ``hard_concrete`` (L0 with stretch + temperature), ``sigmoid`` (deterministic),
+            or ``ste`` (Bernoulli samples with straight-through gradient).
+        init_logit: initial logit of every gate (> 0: starts open).
+        tau: initial temperature; annealed to ``tau_final`` by :meth:`GateStore.anneal`.
+        tau_final: final temperature (``None``: keep ``tau``).
+        stretch: (gamma, zeta) of the hard-concrete stretch, gamma < 0 < 1 < zeta.
+        group_size: units per gate, by kind (adapters supply defaults for missing kinds).
+        min_keep: gates the projection keeps open per segment, by kind. A residual stream
+            (``stage``) always keeps at least one.
+        kinds: kinds to gate; ``None`` gates every kind the adapter supports.
+        logit_clip: projection clamps logits into [-logit_clip, logit_clip].
+    """
+
+    mode: str = "hard_concrete"
+    init_logit: float = 3.0
+    tau: float = 2.0 / 3.0
+    tau_final: float | None = None
+    stretch: tuple[float, float] = (-0.1, 1.1)
+    group_size: dict[str, int] = field(default_factory=dict)
+    min_keep: dict[str, int] = field(default_factory=dict)
+    kinds: tuple[str, ...] | None = None
+    logit_clip: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in GATE_MODES:
+            raise ValueError(f"gate mode {self.mode!r} is not one of {GATE_MODES}")
+        if not self.tau > 0:
+            raise ValueError(f"gate temperature tau must be > 0, got {self.tau}")
+        if self.tau_final is not None and not self.tau_final > 0:
+            raise ValueError(f"gate tau_final must be > 0, got {self.tau_final}")
+        gamma, zeta = self.stretch
+        if not (gamma < 0 and zeta > 1):
+            raise ValueError(f"stretch must satisfy gamma < 0 < 1 < zeta, got {self.stretch}")
+        for kind, g in self.group_size.items():
+            if int(g) < 1:
+                raise ValueError(f"group_size[{kind!r}] must be >= 1, got {g}")
+        for kind, k in self.min_keep.items():
+            if int(k) < 0:
+                raise ValueError(f"min_keep[{kind!r}] must be >= 0, got {k}")
+
+    def wants(self, kind: str) -> bool:
+        """True when gates of ``kind`` should be attached."""
+        return self.kinds is None or kind in self.kinds
+
+    def group_for(self, kind: str, default: int) -> int:
+        return int(self.group_size.get(kind, default))
+
+    def min_keep_for(self, kind: str) -> int:
+        k = int(self.min_keep.get(kind, 0))
+        return max(k, 1) if kind == "stage" else k
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One prunable structure: gates ``[start, start + count)`` of the flat store.
+
+    ``units`` is the number of elements the segment covers (channels, heads, neurons);
+    gate ``i`` covers units ``[i * group_size, min((i + 1) * group_size, units))``.
+    """
+
+    name: str
+    kind: str
+    start: int
+    count: int
+    group_size: int
+    layer: int
+    units: int
+    min_keep: int = 0
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.count
+
+    def gate_sizes(self) -> list[int]:
+        g, n = self.group_size, self.units
+        return [min(g, n - i * g) for i in range(self.count)]
+
+
+class GateStore(nn.Module):
+    """All gate logits of one model and their segment table.
+
+    Attributes:
+        logits: ``[N]`` parameter, N = total gates.
+        segments: list of :class:`Segment` in registration order.
+        tau: scalar buffer, the current temperature.
+    """
+
+    def __init__(self, config: GateConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or GateConfig()
+        self.logits = nn.Parameter(torch.zeros(0))
+        self.segments: list[Segment] = []
+        self._by_name: dict[str, Segment] = {}
+        self.register_buffer("tau", torch.tensor(float(self.config.tau)))
+        self._rebuild_tables(torch.device("cpu"))
+        self._mask: torch.Tensor | None = None
+        self._unit_masks: dict[str, torch.Tensor] = {}
+        self._override: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ registration
+    def register(
+        self,
+        name: str,
+        kind: str,
+        units: int,
+        group_size: int = 1,
+        layer: int = -1,
+        min_keep: int | None = None,
+    ) -> Segment:
+        """Add a segment of ``ceil(units / group_size)`` gates; returns it."""
+        if name in self._by_name:
+            raise ValueError(f"gate segment {name!r} is registered twice")
+        if units < 1 or group_size < 1:
+            raise ValueError(f"segment {name!r}: units and group_size must be >= 1")
+        count = math.ceil(units / group_size)
+        mk = self.config.min_keep_for(kind) if min_keep is None else int(min_keep)
+        seg = Segment(
+            name,
+            kind,
+            int(self.logits.numel()),
+            count,
+            int(group_size),
+            int(layer),
+            int(units),
+            min(mk, count),
+        )
+        with torch.no_grad():
+            new = torch.full(
+                (count,),
+                float(self.config.init_logit),
+                device=self.logits.device,
+                dtype=self.logits.dtype if self.logits.numel() else torch.float32,
+            )
+            self.logits = nn.Parameter(torch.cat([self.logits.detach(), new]))
+        self.segments.append(seg)
+        self._by_name[name] = seg
+        self._rebuild_tables(self.logits.device)
+        return seg
+
+    def _rebuild_tables(self, device: torch.device) -> None:
+        segs = self.segments
+        seg_id = [i for i, s in enumerate(segs) for _ in range(s.count)]
+        sizes = [sz for s in segs for sz in s.gate_sizes()]
+
+        def mk(xs, dt):
+            return torch.tensor(xs, dtype=dt, device=device)
+
+        self.register_buffer("seg_id", mk(seg_id, torch.long), persistent=False)
+        self.register_buffer("gate_size", mk(sizes, torch.float32), persistent=False)
+        self.register_buffer("seg_start", mk([s.start for s in segs], torch.long), persistent=False)
+        self.register_buffer("seg_units", mk([s.units for s in segs], torch.float32), persistent=False)
+        self.register_buffer("seg_min_keep", mk([s.min_keep for s in segs], torch.long), persistent=False)
+        if not hasattr(self, "seg_cost") or self.seg_cost.numel() != len(segs):
+            self.register_buffer("seg_cost", torch.ones(len(segs), device=device), persistent=False)
+
+    def segment(self, name: str) -> Segment:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"no gate segment named {name!r}") from None
+
+    def __len__(self) -> int:
+        return int(self.logits.numel())
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.segments)
+
+    def set_segment_costs(self, costs: torch.Tensor) -> None:
+        """Per-unit cost of each segment, ``[S]``, used by the cost-weighted L0 penalty."""
+        if costs.shape != (self.num_segments,):
+            raise ValueError(
+                f"segment costs must have shape ({self.num_segments},), got {tuple(costs.shape)}"
+            )
+        self.seg_cost = costs.detach().to(self.logits.device, torch.float32)
+
+    # ------------------------------------------------------------------ distribution
+    def _log_ratio(self) -> float:
+        gamma, zeta = self.config.stretch
+        return math.log(-gamma / zeta)
+
+    def probs(self) -> torch.Tensor:
+        """``[N]`` probability each gate is non-zero under the training distribution."""
+        if self.config.mode == "hard_concrete":
+            return torch.sigmoid(self.logits - self.tau * self._log_ratio())
+        return torch.sigmoid(self.logits / self.tau)
+
+    def hard_mask(self) -> torch.Tensor:
+        """``[N]`` eval-mode gates: 1.0 iff logit > 0."""
+        return (self.logits.detach() > 0).to(self.logits.dtype)
+
+    def sample(self, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N]`` gate values for one training forward (differentiable w.r.t. logits).
+
+        ``noise``: optional ``[N]`` uniform(0, 1) draws, for reproducible tests.
+        """
+        lg, tau, mode = self.logits, self.tau, self.config.mode
+        if mode == "sigmoid":
+            return torch.sigmoid(lg / tau)
+        if noise is None:
+            noise = torch.rand_like(lg)
+        if mode == "ste":
+            p = torch.sigmoid(lg / tau)
+            hard = (noise < p).to(lg.dtype)
+            return hard + p - p.detach()
+        gamma, zeta = self.config.stretch
+        u = noise.clamp(1e-6, 1 - 1e-6)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + lg) / tau)
+        return (s * (zeta - gamma) + gamma).clamp(0.0, 1.0)
+
+    def refresh(self) -> None:
+        """Forget this forward's masks: the next :meth:`unit_mask` samples anew."""
+        self._mask = None
+        self._unit_masks = {}
+
+    def gate_mask(self) -> torch.Tensor:
+        """``[N]`` gate values of the current forward (sampled in train mode, hard in eval)."""
+        if self._mask is None:
+            self._mask = self.sample() if self.training else self.hard_mask()
+        return self._mask
+
+    def unit_mask(self, name: str) -> torch.Tensor:
+        """``[units]`` mask of one segment for the current forward, gates expanded to units."""
+        if self._override is not None and name in self._override:
+            return self._override[name]
+        m = self._unit_masks.get(name)
+        if m is None:
+            seg = self._by_name[name]
+            gm = self.gate_mask()[seg.start : seg.stop]
+            m = expand_to_units(gm, seg)
+            self._unit_masks[name] = m
+        return m
+
+    @contextlib.contextmanager
+    def override(self, unit_masks: Mapping[str, torch.Tensor]) -> Iterator[None]:
+        """Force the unit masks of some segments (e.g. a rounded keep set) inside the block."""
+        prev = self._override
+        self._override = {**(prev or {}), **{k: v.to(self.logits.device) for k, v in unit_masks.items()}}
+        self.refresh()
+        try:
+            yield
+        finally:
+            self._override = prev
+            self.refresh()
+
+    # ------------------------------------------------------------------ widths
+    def segment_sum(self, per_gate: torch.Tensor) -> torch.Tensor:
+        """``[N] -> [S]``: sum a per-gate quantity within each segment."""
+        out = per_gate.new_zeros(self.num_segments)
+        return out.index_add(0, self.seg_id, per_gate)
+
+    def expected_units(self, probs: torch.Tensor | None = None) -> torch.Tensor:
+        """``[S]`` expected kept units per segment (differentiable)."""
+        p = self.probs() if probs is None else probs
+        return self.segment_sum(p * self.gate_size)
+
+    def open_units(self) -> torch.Tensor:
+        """``[S]`` units kept in eval mode (gates with logit > 0)."""
+        return self.segment_sum(self.hard_mask() * self.gate_size)
+
+    def anneal(self, step: int, total_steps: int) -> None:
+        """Exponential temperature schedule from ``config.tau`` to ``config.tau_final``."""
+        t0, t1 = self.config.tau, self.config.tau_final
+        if t1 is None or total_steps <= 0:
+            return
+        frac = min(max(step / total_steps, 0.0), 1.0)
+        self.tau.fill_(t0 * (t1 / t0) ** frac)
+
+    def summary(self) -> list[dict]:
+        """Per segment: name, kind, layer, units, open units, expected units."""
+        with torch.no_grad():
+            open_u = self.open_units().tolist()
+            exp_u = self.expected_units().tolist()
+        return [
+            {
+                "name": s.name,
+                "kind": s.kind,
+                "layer": s.layer,
+                "units": s.units,
+                "open": int(round(o)),
+                "expected": round(e, 2),
+            }
+            for s, o, e in zip(self.segments, open_u, exp_u)
+        ]
+
+
+def expand_to_units(gate_values: torch.Tensor, seg: Segment) -> torch.Tensor:
+    """``[count] -> [units]``: repeat each gate over the units it covers."""
+    g = seg.group_size
+    if g == 1:
+        return gate_values
+    full = gate_values.repeat_interleave(g)
+    return full[: seg.units]
+
+
+# ---------------------------------------------------------------------- penalties
+@dataclass
+class PenaltyWeights:
+    """Weights of the gate penalties (all from the recipe).
+
+    ``l0``: expected kept fraction (cost-weighted when ``cost_weighted``); ``floor``: squared
+    shortfall below ``floor_frac`` of each segment's units; ``bimodal``: mean p(1 - p).
+    """
+
+    l0: float = 0.0
+    floor: float = 0.0
+    floor_frac: float = 0.05
+    bimodal: float = 0.0
+    cost_weighted: bool = True
+
+
+def expected_l0(
+    store: GateStore, probs: torch.Tensor | None = None, cost_weighted: bool = True
+) -> torch.Tensor:
+    """Scalar: expected fraction of (cost-weighted) units kept, in [0, 1]."""
+    p = store.probs() if probs is None else probs
+    w = store.gate_size * (store.seg_cost[store.seg_id] if cost_weighted else 1.0)
+    return (p * w).sum() / w.sum().clamp_min(1e-12)
+
+
+def keep_floor_penalty(store: GateStore, frac: float, probs: torch.Tensor | None = None) -> torch.Tensor:
+    """Scalar: mean over segments of relu(frac * units - E[kept]) ** 2 / units ** 2."""
+    exp_u = store.expected_units(probs)
+    short = torch.relu(frac * store.seg_units - exp_u) / store.seg_units
+    return (short * short).mean()
+
+
+def bimodality_penalty(store: GateStore, probs: torch.Tensor | None = None) -> torch.Tensor:
+    """Scalar: mean p (1 - p); zero when every gate is decided."""
+    p = store.probs() if probs is None else probs
+    return (p * (1 - p)).mean()
+
+
+def combined_penalty(store: GateStore, weights: PenaltyWeights) -> torch.Tensor:
+    """Scalar: weighted sum of the penalties, all from one ``probs()`` evaluation."""
+    p = store.probs()
+    total = p.new_zeros(())
+    if weights.l0:
+        total = total + weights.l0 * expected_l0(store, p, weights.cost_weighted)
+    if weights.floor:
+        total = total + weights.floor * keep_floor_penalty(store, weights.floor_frac, p)
+    if weights.bimodal:
+        total = total + weights.bimodal * bimodality_penalty(store, p)
+    return total
+
+
+@torch.no_grad()
+def project_gates_into_constraints(store: GateStore, margin: float = 0.05) -> None:
+    """In place: clamp logits and keep the ``min_keep`` largest gates of each segment open.
+
+    Vectorised over the whole store (two stable sorts give each gate's rank within its
+    segment); no host synchronisation.
+    """
+    lg = store.logits
+    if lg.numel() == 0:
+        return
+    clip = store.config.logit_clip
+    lg.clamp_(-clip, clip)
+    order = torch.sort(lg, descending=True, stable=True).indices
+    order = order[torch.sort(store.seg_id[order], stable=True).indices]
+    seg_of = store.seg_id[order]
+    rank = torch.arange(lg.numel(), device=lg.device) - store.seg_start[seg_of]
+    need = rank < store.seg_min_keep[seg_of]
+    vals = lg[order]
+    lg[order] = torch.where(need, vals.clamp_min(margin), vals)

@@ -1,0 +1,73 @@
+"""Choose the export rounding by measured latency on the target device."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from hawada.core.export import ExportPolicy, Rounding, keep_indices, kept_gate_mass, param_count, store_of
+from hawada.core.export import export as export_model
+from hawada.core.profiler import measure_latency_ms
+
+
+@dataclass
+class SearchResult:
+    """Every trial of the grid, and the one chosen."""
+
+    policy: ExportPolicy
+    best: dict
+    trials: list[dict] = field(default_factory=list)
+    met_target: bool = True
+
+
+def grid_search_latency(
+    gated: nn.Module,
+    example_inputs: Any,
+    target_ms: float,
+    multiples: Sequence[int] = (1, 4, 8, 16, 32),
+    modes: Sequence[str] = ("floor", "nearest", "ceil"),
+    device: str = "cpu",
+    kinds: Sequence[str] | None = None,
+    **measure_kw: Any,
+) -> SearchResult:
+    """Export and measure EVERY (multiple, mode) combination; pick the best.
+
+    Best = among trials whose measured median is within ``target_ms``, the one that keeps the
+    most gate probability mass (ties: the faster); when none is within target, the fastest.
+    ``kinds``: the segment kinds the rounding applies to (default: all).
+    """
+    store = store_of(gated)
+    trials: list[dict] = []
+    for multiple, mode in itertools.product(multiples, modes):
+        r = Rounding(int(multiple), mode)
+        policy = ExportPolicy(
+            rounding=None, per_kind={k: r for k in (kinds or {s.kind for s in store.segments})}
+        )
+        keep = keep_indices(store, policy)
+        slim = export_model(gated, policy).to(device)
+        res = measure_latency_ms(slim, example_inputs, device=device, **measure_kw)
+        trials.append(
+            {
+                "multiple": int(multiple),
+                "mode": mode,
+                "median_ms": res.median_ms,
+                "spread_ms": res.spread_ms,
+                "n": res.n,
+                "gate_mass": kept_gate_mass(store, keep),
+                "params": param_count(slim),
+                "within_target": res.median_ms <= target_ms,
+                "_policy": policy,
+            }
+        )
+    within = [t for t in trials if t["within_target"]]
+    if within:
+        best = max(within, key=lambda t: (round(t["gate_mass"], 9), -t["median_ms"]))
+    else:
+        best = min(trials, key=lambda t: t["median_ms"])
+    policy = best["_policy"]
+    clean = [{k: v for k, v in t.items() if k != "_policy"} for t in trials]
+    return SearchResult(policy, {k: v for k, v in best.items() if k != "_policy"}, clean, bool(within))

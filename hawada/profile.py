@@ -1,0 +1,99 @@
+"""``hawada profile``: keep-all latency and the latency proxy's fidelity on this device."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from hawada.config import Recipe
+from hawada.core.calibrate import calibration_logits, measure_subarchs, random_logits
+from hawada.core.export import store_of
+from hawada.core.profiler import environment_info, measure_latency_ms
+from hawada.core.proxy_cost import LatencyProxy, mape, spearman
+
+
+def proxy_fidelity(
+    gated: nn.Module,
+    adapter: Any,
+    inputs: Any,
+    device: str,
+    modes: tuple[str, ...] = ("analytic", "lut"),
+    calib_points: int = 6,
+    points: int = 20,
+    seed: int = 0,
+    **mkw: Any,
+) -> dict:
+    """Calibrate each proxy mode on ``calib_points`` sub-architectures, then report its error
+    on ``points`` held-out random ones (MAPE in %, Spearman), all measured on ``device``."""
+    store = store_of(gated)
+    calib = measure_subarchs(gated, inputs, device, calibration_logits(gated, calib_points, seed), **mkw)
+    held = measure_subarchs(gated, inputs, device, random_logits(gated, points, seed + 1000), **mkw)
+    measured = [m for _, m in held]
+    out: dict = {"device": device, "calib_points": calib_points, "points": points, "modes": {}}
+    terms = adapter.cost_terms(gated, inputs)
+    for mode in modes:
+        t0 = time.perf_counter()
+        proxy = LatencyProxy(store, terms, mode=mode)
+        ops = proxy.measure_table(device=device) if mode == "lut" else 0
+        fit = proxy.calibrate([w for w, _ in calib], [m for _, m in calib])
+        with torch.no_grad():
+            pred = [float(proxy(w.to(proxy.grid.device))) for w, _ in held]
+        out["modes"][mode] = {
+            "mape_pct": mape(pred, measured),
+            "spearman": spearman(pred, measured),
+            "calib_mape_pct": fit["mape"],
+            "coef": fit["coef"],
+            "ops_timed": ops,
+            "build_seconds": time.perf_counter() - t0,
+            "predicted_ms": pred,
+        }
+    out["measured_ms"] = measured
+    out["summary"] = {
+        m: {"mape_pct": round(v["mape_pct"], 2), "spearman": round(v["spearman"], 3)}
+        for m, v in out["modes"].items()
+    }
+    return out
+
+
+def profile_recipe(
+    recipe: Recipe, fidelity: bool = False, points: int = 20, log: Callable[[str], None] = print
+) -> dict:
+    """Keep-all latency of the recipe's model at its target batch; with ``fidelity``, the proxy's error."""
+    from hawada.pipeline import build_job, gate_config
+
+    r = copy.deepcopy(recipe)
+    r.teacher.epochs = 0  # latency does not depend on the weights' values
+    device = torch.device(r.device)
+    if r.threads:
+        torch.set_num_threads(r.threads)
+    job = build_job(r, device)
+    m = r.measure
+    mkw = {
+        "warmup": m.warmup,
+        "min_repeats": m.min_repeats,
+        "max_repeats": m.max_repeats,
+        "budget_s": m.budget_s,
+    }
+    base = measure_latency_ms(job.teacher, job.latency_inputs, device=str(device), **mkw)
+    res: dict = {"keep_all": base.to_dict(), "versions": environment_info()}
+    res["summary"] = {"keep_all_ms": round(base.median_ms, 3), "spread_ms": round(base.spread_ms, 3)}
+    if fidelity:
+        gated = job.adapter.attach(copy.deepcopy(job.teacher), gate_config(r))
+        fid = proxy_fidelity(
+            gated,
+            job.adapter,
+            job.latency_inputs,
+            str(device),
+            calib_points=r.proxy.calib_points,
+            points=points,
+            seed=r.seed,
+            **mkw,
+        )
+        res["fidelity"] = fid
+        res["summary"]["fidelity"] = fid["summary"]
+    return res

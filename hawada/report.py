@@ -1,0 +1,104 @@
+"""Turning a run's report into a terminal table and a PNG."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt_lat(d: dict) -> str:
+    return f"{d['median_ms']:.2f} ms (p20-p80 {d['p20_ms']:.2f}-{d['p80_ms']:.2f}, n={d['n']})"
+
+
+def format_report(report: dict) -> str:
+    """A plain-text summary table of :func:`hawada.pipeline.optimize`'s report."""
+    lat, par = report["latency"], report["params"]
+    base = lat["base"]
+    rows = [
+        ("device", f"{report['device']} ({base['threads']} threads, timer {base['timer']})"),
+        ("input", f"{base['shapes']} {base['dtype']}"),
+        ("base latency", _fmt_lat(lat["base"])),
+        ("slim latency", _fmt_lat(lat["slim"])),
+        ("speedup", f"{lat['speedup']:.2f}x (target {lat['target_ms']:.2f} ms)"),
+        ("parameters", f"{par['base']:,} -> {par['slim']:,} ({par['ratio']:.1%})"),
+    ]
+    for k, v in report["agreement"].items():
+        rows.append((k, f"{v:.4f}" if isinstance(v, float) else str(v)))
+    ch = report["search"]["chosen"]
+    rows.append(
+        (
+            "rounding",
+            f"multiple {ch['multiple']}, {ch['mode']} (of {len(report['search']['trials'])} measured)",
+        )
+    )
+    w = max(len(k) for k, _ in rows)
+    lines = [f"{k.ljust(w)}  {v}" for k, v in rows]
+    bar = "-" * max(len(s) for s in lines)
+    return "\n".join([bar, *lines, bar])
+
+
+def plot_run(report: dict, history: list[dict], path: str) -> bool:
+    """Per-layer kept widths and training curves (proxy/real ms, lambda, KD) as a PNG.
+
+    Returns False (and writes nothing) when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    widths = report.get("widths") or _widths_from_layout(report["layout"])
+    ax = axes[0, 0]
+    names = list(widths)
+    ax.bar(range(len(names)), [widths[n][1] for n in names], color="tab:blue", label="slim")
+    ax.bar(
+        range(len(names)),
+        [widths[n][0] - widths[n][1] for n in names],
+        bottom=[widths[n][1] for n in names],
+        color="lightgray",
+        label="removed",
+    )
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+    ax.set_title("kept width per layer")
+    ax.legend()
+    steps = [h["step"] for h in history]
+    ax = axes[0, 1]
+    ax.plot(steps, [h["proxy_ms"] for h in history], label="proxy ms")
+    ax.plot(steps, [h["target_ms"] for h in history], "--", label="target ms")
+    real = [(h["step"], h["real_ms"]) for h in history if "real_ms" in h]
+    if real:
+        ax.plot(*zip(*real), "o", label="measured ms")
+    ax.set_title("latency during gate training")
+    ax.legend()
+    axes[1, 0].plot(steps, [h["lambda"] for h in history])
+    axes[1, 0].set_title("lambda")
+    axes[1, 1].plot(steps, [h["kd"] for h in history])
+    axes[1, 1].set_title("KD loss")
+    for a in axes[1]:
+        a.set_xlabel("step")
+    fig.suptitle(f"{report['name']}: {report['latency']['speedup']:.2f}x on {report['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _widths_from_layout(layout: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """``{layer: (base width, slim width)}`` from base/slim layouts (any family)."""
+    out: dict[str, tuple[int, int]] = {}
+
+    def walk(b: Any, s: Any, prefix: str) -> None:
+        if isinstance(b, dict):
+            for k in b:
+                if k in s:
+                    walk(b[k], s[k], f"{prefix}.{k}" if prefix else k)
+        elif isinstance(b, list):
+            for i, (x, y) in enumerate(zip(b, s)):
+                walk(x, y, f"{prefix}[{i}]")
+        elif isinstance(b, int) and not isinstance(b, bool) and isinstance(s, int):
+            out[prefix] = (b, s)
+
+    walk(layout["base"], layout["slim"], "")
+    return {k: v for k, v in out.items() if not k.endswith("num_classes")}
