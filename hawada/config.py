@@ -46,7 +46,7 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    kind: Literal["digits", "imagefolder", "stdlib_docstrings"] = _f("digits")
+    kind: Literal["digits", "imagefolder", "stdlib_docstrings", "stdlib_source"] = _f("digits")
     path: str | None = _f(None, help="dataset folder (imagefolder)")
     image_size: int = _f(32, lo=8)
     batch_size: int = _f(64, lo=1)

@@ -76,6 +76,10 @@ def build_job(recipe: Recipe, device: torch.device) -> Job:
         from hawada.jobs.text_job import build_text_job
 
         return build_text_job(recipe, device)
+    if recipe.data.kind == "stdlib_source":
+        from hawada.jobs.lm_job import build_lm_job
+
+        return build_lm_job(recipe, device)
     raise ValueError(f"data.kind {recipe.data.kind!r} has no job")
 
 

@@ -119,13 +119,18 @@ def adapter_for(model: nn.Module) -> Adapter:
     )
 
 
+BUILTIN_FAMILIES = ("hawada.adapters.resnet", "hawada.adapters.hf_encoder", "hawada.adapters.hf_decoder")
+
+
 def _load_builtin() -> None:
-    # Families register on import; each import is optional (its library may be missing).
+    # Families register on import. A family whose library (torchvision, transformers) is not
+    # installed is skipped; an error inside HawAda's own code is raised.
     import importlib
 
-    for mod in ("hawada.adapters.resnet",):
+    for mod in BUILTIN_FAMILIES:
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:
-            if (e.name or "").startswith("hawada"):
-                raise
+            if e.name == mod or not (e.name or "").startswith("hawada"):
+                continue
+            raise

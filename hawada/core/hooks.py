@@ -44,6 +44,45 @@ class RefreshGates:
         self.store.refresh()
 
 
+class GatedLinear(nn.Linear):
+    """An ``nn.Linear`` whose output (``side="out"``) or input (``side="in"``) features are gated.
+
+    Made in place from a stock ``nn.Linear`` by :func:`gate_linear` (class swap: same
+    parameters, same state-dict keys, same hooks); :func:`strip_gate_hooks` swaps it back.
+    The forward calls the fused op :func:`hawada.ops.gated_linear`.
+    """
+
+    _hawada_store: GateStore
+    _hawada_segment: str
+    _hawada_side: str
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from hawada.ops import gated_linear
+
+        store, seg = self._hawada_store, self._hawada_store.segment(self._hawada_segment)
+        mask = store.gate_mask()[seg.start : seg.stop]
+        if store._override is not None and seg.name in store._override:
+            mask, group = store.unit_mask(seg.name), 1
+        else:
+            group = seg.group_size
+        return gated_linear(x, self.weight, self.bias, mask, self._hawada_side, group)
+
+
+def gate_linear(module: nn.Linear, store: GateStore, segment: str, side: str) -> None:
+    """In place: make ``module`` a :class:`GatedLinear` reading ``segment`` of ``store``."""
+    if type(module) is not nn.Linear:
+        raise TypeError(f"gate_linear expects a plain nn.Linear, got {type(module).__name__}")
+    if side not in ("out", "in"):
+        raise ValueError(f"side must be 'out' or 'in', got {side!r}")
+    seg = store.segment(segment)
+    width = module.out_features if side == "out" else module.in_features
+    if seg.units != width:
+        raise ValueError(f"segment {segment!r} has {seg.units} units but the linear has {width} {side} features")
+    module.__class__ = GatedLinear
+    # Plain attributes (not a registered submodule): the store belongs to the model root.
+    module.__dict__.update(_hawada_store=store, _hawada_segment=segment, _hawada_side=side)
+
+
 def add_hook(module: nn.Module, hook: Any, pre: bool = False, with_kwargs: bool = False) -> None:
     """Register a gate hook (marked so that export can strip it)."""
     if pre:
@@ -72,6 +111,10 @@ def strip_gate_hooks(model: nn.Module) -> nn.Module:
                 del d[k]
                 mod._forward_hooks_with_kwargs.pop(k, None)
                 mod._forward_pre_hooks_with_kwargs.pop(k, None)
+        if isinstance(mod, GatedLinear):
+            mod.__class__ = nn.Linear
+            for a in ("_hawada_store", "_hawada_segment", "_hawada_side"):
+                mod.__dict__.pop(a, None)
     if STORE_ATTR in model._modules:
         del model._modules[STORE_ATTR]
     model.__dict__.pop(ADAPTER_ATTR, None)
