@@ -22,7 +22,7 @@ from hawada.core.distill import KDConfig
 from hawada.core.export import ExportPolicy, export, param_count, store_of
 from hawada.core.finetune import FinetuneConfig, finetune_student
 from hawada.core.gates import GateConfig, PenaltyWeights
-from hawada.core.profiler import LatencyResult, environment_info, measure_latency_ms
+from hawada.core.profiler import LatencyResult, Meter, environment_info, latency_meter, summarize_samples
 from hawada.core.proxy_cost import LatencyProxy
 from hawada.core.search_export import grid_search_latency
 from hawada.core.train import LagrangeTrainer, TrainConfig, make_latency_probe
@@ -41,7 +41,8 @@ class Job:
     """What one data kind + model family needs from the pipeline.
 
     ``evaluate(teacher, student)`` returns agreement metrics; ``score_key`` names the one
-    fine-tuning maximises. ``latency_inputs`` is the batch latency is measured at.
+    fine-tuning maximises. ``latency_inputs`` is the batch latency is measured at;
+    ``timed(model)``, when set, is what is timed instead of the plain model (e.g. a decode step).
     """
 
     adapter: Adapter
@@ -53,6 +54,7 @@ class Job:
     score_key: str
     save: Callable[[nn.Module, str], None]
     info: dict
+    timed: Callable[[nn.Module], Any] | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -107,6 +109,20 @@ def kd_config(recipe: Recipe) -> KDConfig:
     )
 
 
+def make_meter(recipe: Recipe, job: Job) -> Meter:
+    """The one way this run times a plain model (recipe's measure settings, job's inputs)."""
+    m = recipe.measure
+    return latency_meter(
+        job.latency_inputs,
+        recipe.device,
+        job.timed,
+        warmup=m.warmup,
+        min_repeats=m.min_repeats,
+        max_repeats=m.max_repeats,
+        budget_s=m.budget_s,
+    )
+
+
 def check_output_dir(recipe: Recipe) -> str:
     out = recipe.output.dir
     if os.path.exists(out) and not os.path.isdir(out):
@@ -128,19 +144,17 @@ def set_minimal_keep(store) -> None:
 
 
 def measure_pair(
-    a: nn.Module, b: nn.Module, inputs: Any, device: str, rounds: int = 3, **kw: Any
+    a: nn.Module, b: nn.Module, meter: Meter, rounds: int = 3
 ) -> tuple[LatencyResult, LatencyResult]:
     """Measure two models in the same run, interleaved A B A B ..., pooling the samples."""
-    sa, sb = [], []
-    last = {}
+    runs: dict[str, list[LatencyResult]] = {"a": [], "b": []}
     for _ in range(rounds):
-        for key, m, acc in (("a", a, sa), ("b", b, sb)):
-            r = measure_latency_ms(m, inputs, device=device, **kw)
-            acc.extend(r.samples_ms)
-            last[key] = r
-    from hawada.core.profiler import summarize_samples
+        runs["a"].append(meter(a))
+        runs["b"].append(meter(b))
 
-    def pooled(r: LatencyResult, xs: list[float]) -> LatencyResult:
+    def pooled(rs: list[LatencyResult]) -> LatencyResult:
+        xs = [x for r in rs for x in r.samples_ms]
+        r = rs[-1]
         return LatencyResult(
             **summarize_samples(xs),
             n=len(xs),
@@ -153,7 +167,7 @@ def measure_pair(
             samples_ms=xs,
         )
 
-    return pooled(last["a"], sa), pooled(last["b"], sb)
+    return pooled(runs["a"]), pooled(runs["b"])
 
 
 def optimize(recipe: Recipe, log: Callable[[str], None] = print) -> dict:
@@ -171,17 +185,12 @@ def optimize(recipe: Recipe, log: Callable[[str], None] = print) -> dict:
         torch.set_num_threads(recipe.threads)
     get_adapter(recipe.model.family)  # an unknown family fails before any work
     seed_everything(recipe.seed)
-    mkw = {
-        "warmup": recipe.measure.warmup,
-        "min_repeats": recipe.measure.min_repeats,
-        "max_repeats": recipe.measure.max_repeats,
-        "budget_s": recipe.measure.budget_s,
-    }
 
     job = build_job(recipe, device)
     adapter, teacher = job.adapter, job.teacher.to(device).eval()
     lat_in = job.latency_inputs
     dev = str(device)
+    meter = make_meter(recipe, job)
 
     student = copy.deepcopy(teacher)
     adapter.attach(student, gate_config(recipe))
@@ -190,11 +199,9 @@ def optimize(recipe: Recipe, log: Callable[[str], None] = print) -> dict:
 
     # -- how fast can it get? (measured, every segment at its minimum)
     saved = store.logits.detach().clone()
-    base_ms = measure_latency_ms(teacher, lat_in, device=dev, **mkw).median_ms
+    base_ms = meter(teacher).median_ms
     set_minimal_keep(store)
-    min_ms = measure_latency_ms(
-        export(student, ExportPolicy(check=False)).to(device), lat_in, device=dev, **mkw
-    ).median_ms
+    min_ms = meter(export(student, ExportPolicy(check=False))).median_ms
     with torch.no_grad():
         store.logits.copy_(saved)
     target_ms = (
@@ -215,7 +222,7 @@ def optimize(recipe: Recipe, log: Callable[[str], None] = print) -> dict:
         n_ops = proxy.measure_table(device=dev)
         log(f"proxy lookup table: {n_ops} ops timed")
     calib = measure_subarchs(
-        student, lat_in, dev, calibration_logits(student, recipe.proxy.calib_points, recipe.seed), **mkw
+        student, calibration_logits(student, recipe.proxy.calib_points, recipe.seed), meter
     )
     fit = proxy.calibrate([w for w, _ in calib], [m for _, m in calib])
     log(f"proxy calibrated on {len(calib)} measured sub-architectures: MAPE {fit['mape']:.1f}%")
@@ -241,7 +248,7 @@ def optimize(recipe: Recipe, log: Callable[[str], None] = print) -> dict:
             l0=p.l0, floor=p.floor, floor_frac=p.floor_frac, bimodal=p.bimodal, cost_weighted=p.cost_weighted
         ),
     )
-    probe = make_latency_probe(student, lat_in, dev, **mkw)
+    probe = make_latency_probe(student, meter)
     trainer = LagrangeTrainer(student, teacher, proxy, target_ms, cfg, probe=probe, calibration=calib)
     history = trainer.fit(job.train_loader)
     if not history or "real_ms" not in history[-1]:
@@ -249,9 +256,7 @@ def optimize(recipe: Recipe, log: Callable[[str], None] = print) -> dict:
 
     # -- rounding chosen by measured latency, then export
     student.eval()
-    search = grid_search_latency(
-        student, lat_in, target_ms, recipe.search.multiples, recipe.search.modes, device=dev, **mkw
-    )
+    search = grid_search_latency(student, target_ms, meter, recipe.search.multiples, recipe.search.modes)
     log(
         f"search: {len(search.trials)} exports measured; chose multiple={search.best['multiple']} "
         f"mode={search.best['mode']} ({search.best['median_ms']:.2f} ms)"
@@ -282,7 +287,7 @@ def optimize(recipe: Recipe, log: Callable[[str], None] = print) -> dict:
     )
 
     # -- honest report: both latencies measured in this run, interleaved
-    t_base, t_slim = measure_pair(teacher, slim, lat_in, dev, **mkw)
+    t_base, t_slim = measure_pair(teacher, slim, meter)
     metrics = job.evaluate(teacher, slim, "test")
     report = {
         "name": recipe.name,

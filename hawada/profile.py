@@ -13,7 +13,7 @@ from torch import nn
 from hawada.config import Recipe
 from hawada.core.calibrate import calibration_logits, measure_subarchs, random_logits
 from hawada.core.export import store_of
-from hawada.core.profiler import environment_info, measure_latency_ms
+from hawada.core.profiler import Meter, environment_info
 from hawada.core.proxy_cost import LatencyProxy, mape, spearman
 
 
@@ -21,18 +21,19 @@ def proxy_fidelity(
     gated: nn.Module,
     adapter: Any,
     inputs: Any,
+    meter: Meter,
     device: str,
     modes: tuple[str, ...] = ("analytic", "lut"),
     calib_points: int = 6,
     points: int = 20,
     seed: int = 0,
-    **mkw: Any,
 ) -> dict:
-    """Calibrate each proxy mode on ``calib_points`` sub-architectures, then report its error
-    on ``points`` held-out random ones (MAPE in %, Spearman), all measured on ``device``."""
+    """Calibrate each proxy mode on ``calib_points`` measured sub-architectures, then report its
+    error on ``points`` held-out random ones (MAPE in %, Spearman). ``inputs`` give the shapes of
+    the cost terms; ``meter`` times each exported sub-architecture on ``device``."""
     store = store_of(gated)
-    calib = measure_subarchs(gated, inputs, device, calibration_logits(gated, calib_points, seed), **mkw)
-    held = measure_subarchs(gated, inputs, device, random_logits(gated, points, seed + 1000), **mkw)
+    calib = measure_subarchs(gated, calibration_logits(gated, calib_points, seed), meter)
+    held = measure_subarchs(gated, random_logits(gated, points, seed + 1000), meter)
     measured = [m for _, m in held]
     out: dict = {"device": device, "calib_points": calib_points, "points": points, "modes": {}}
     terms = adapter.cost_terms(gated, inputs)
@@ -64,7 +65,7 @@ def profile_recipe(
     recipe: Recipe, fidelity: bool = False, points: int = 20, log: Callable[[str], None] = print
 ) -> dict:
     """Keep-all latency of the recipe's model at its target batch; with ``fidelity``, the proxy's error."""
-    from hawada.pipeline import build_job, gate_config
+    from hawada.pipeline import build_job, gate_config, make_meter
 
     r = copy.deepcopy(recipe)
     r.teacher.epochs = 0  # latency does not depend on the weights' values
@@ -72,27 +73,22 @@ def profile_recipe(
     if r.threads:
         torch.set_num_threads(r.threads)
     job = build_job(r, device)
-    m = r.measure
-    mkw = {
-        "warmup": m.warmup,
-        "min_repeats": m.min_repeats,
-        "max_repeats": m.max_repeats,
-        "budget_s": m.budget_s,
-    }
-    base = measure_latency_ms(job.teacher, job.latency_inputs, device=str(device), **mkw)
+    meter = make_meter(r, job)
+    base = meter(job.teacher)
     res: dict = {"keep_all": base.to_dict(), "versions": environment_info()}
     res["summary"] = {"keep_all_ms": round(base.median_ms, 3), "spread_ms": round(base.spread_ms, 3)}
     if fidelity:
+        log(f"fidelity: {r.proxy.calib_points} calibration + {points} held-out sub-architectures")
         gated = job.adapter.attach(copy.deepcopy(job.teacher), gate_config(r))
         fid = proxy_fidelity(
             gated,
             job.adapter,
             job.latency_inputs,
+            meter,
             str(device),
             calib_points=r.proxy.calib_points,
             points=points,
             seed=r.seed,
-            **mkw,
         )
         res["fidelity"] = fid
         res["summary"]["fidelity"] = fid["summary"]

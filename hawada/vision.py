@@ -134,7 +134,7 @@ def train_classifier(
             loss.backward()
             opt.step()
             sched.step()
-            s, n = s + float(loss) * len(y), n + len(y)
+            s, n = s + float(loss.detach()) * len(y), n + len(y)
             if bar is not None:
                 bar.update(1)
         losses.append(s / max(n, 1))

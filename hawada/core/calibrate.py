@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from hawada.core.export import ExportPolicy, export, store_of
-from hawada.core.profiler import measure_latency_ms
+from hawada.core.profiler import Meter
 from hawada.core.proxy_cost import set_random_keep, set_uniform_keep
 
 
 def measure_subarchs(
-    gated: nn.Module, inputs: Any, device: str, logits: list[torch.Tensor], **mkw: Any
+    gated: nn.Module, logits: list[torch.Tensor], meter: Meter
 ) -> list[tuple[torch.Tensor, float]]:
     """For each logits vector: (open units ``[S]``, measured median ms of its export)."""
     store = store_of(gated)
@@ -23,13 +21,8 @@ def measure_subarchs(
         for lg in logits:
             with torch.no_grad():
                 store.logits.copy_(lg)
-            slim = export(gated, ExportPolicy(check=False)).to(device)
-            out.append(
-                (
-                    store.open_units().detach().cpu(),
-                    measure_latency_ms(slim, inputs, device=device, **mkw).median_ms,
-                )
-            )
+            slim = export(gated, ExportPolicy(check=False))
+            out.append((store.open_units().detach().cpu(), meter(slim).median_ms))
     finally:
         with torch.no_grad():
             store.logits.copy_(saved)

@@ -77,7 +77,9 @@ def gate_linear(module: nn.Linear, store: GateStore, segment: str, side: str) ->
     seg = store.segment(segment)
     width = module.out_features if side == "out" else module.in_features
     if seg.units != width:
-        raise ValueError(f"segment {segment!r} has {seg.units} units but the linear has {width} {side} features")
+        raise ValueError(
+            f"segment {segment!r} has {seg.units} units but the linear has {width} {side} features"
+        )
     module.__class__ = GatedLinear
     # Plain attributes (not a registered submodule): the store belongs to the model root.
     module.__dict__.update(_hawada_store=store, _hawada_segment=segment, _hawada_side=side)

@@ -210,6 +210,25 @@ def measure_latency_ms(
     )
 
 
+Meter = Callable[[nn.Module], LatencyResult]
+
+
+def latency_meter(
+    example_inputs: Inputs,
+    device: str | torch.device,
+    wrap: Callable[[nn.Module], Any] | None = None,
+    **measure_kw: Any,
+) -> Meter:
+    """``meter(model) -> LatencyResult``: one way of timing a plain model, used everywhere a run
+    measures (keep-all, calibration, probes, search, report). ``wrap(model)`` turns the model
+    into what is timed (e.g. one decode step with a KV cache); default: the model itself."""
+
+    def meter(model: nn.Module) -> LatencyResult:
+        return measure_latency_ms(wrap(model) if wrap else model, example_inputs, device=device, **measure_kw)
+
+    return meter
+
+
 def environment_info() -> dict:
     """Device and library versions, attached to every latency report and benchmark result."""
     v = {

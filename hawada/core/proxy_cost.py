@@ -41,7 +41,8 @@ class CostTerm:
     ``flops``/``bytes``: at full width; they scale with the product of the dims' kept
     fractions (bytes: with their mean). ``op`` + ``spec`` say how to build the op alone for
     the lookup table: ``conv2d`` {batch, h, w, kernel, stride, padding}, ``linear``
-    {tokens}, ``norm_act`` {batch, h, w} or {tokens}, ``attention`` {batch, seq, head_dim}.
+    {tokens}, ``norm_act`` {batch, h, w} or {tokens}, ``attention`` {batch, seq, head_dim};
+    ``conv2d``/``linear`` also take ``in_mult``/``out_mult`` (elements per unit of a dim).
     """
 
     name: str
@@ -54,6 +55,9 @@ class CostTerm:
 
 def _build_op(op: str, spec: dict, widths: Sequence[int]) -> tuple[Callable, tuple]:
     """A module (or function) of one op at the given widths, with an example input."""
+    # ``in_mult``/``out_mult``: elements per unit (e.g. head_dim when a dim counts heads).
+    if op in ("conv2d", "linear"):
+        widths = (widths[0] * spec.get("in_mult", 1), widths[1] * spec.get("out_mult", 1))
     if op == "conv2d":
         cin, cout = widths
         mod = nn.Conv2d(cin, cout, spec["kernel"], spec["stride"], spec["padding"], bias=False).eval()

@@ -5,13 +5,12 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from torch import nn
 
 from hawada.core.export import ExportPolicy, Rounding, keep_indices, kept_gate_mass, param_count, store_of
 from hawada.core.export import export as export_model
-from hawada.core.profiler import measure_latency_ms
+from hawada.core.profiler import Meter
 
 
 @dataclass
@@ -26,18 +25,17 @@ class SearchResult:
 
 def grid_search_latency(
     gated: nn.Module,
-    example_inputs: Any,
     target_ms: float,
+    meter: Meter,
     multiples: Sequence[int] = (1, 4, 8, 16, 32),
     modes: Sequence[str] = ("floor", "nearest", "ceil"),
-    device: str = "cpu",
     kinds: Sequence[str] | None = None,
-    **measure_kw: Any,
 ) -> SearchResult:
     """Export and measure EVERY (multiple, mode) combination; pick the best.
 
     Best = among trials whose measured median is within ``target_ms``, the one that keeps the
     most gate probability mass (ties: the faster); when none is within target, the fastest.
+    ``meter(model)`` measures one exported model on the target (see ``latency_meter``).
     ``kinds``: the segment kinds the rounding applies to (default: all).
     """
     store = store_of(gated)
@@ -48,8 +46,8 @@ def grid_search_latency(
             rounding=None, per_kind={k: r for k in (kinds or {s.kind for s in store.segments})}
         )
         keep = keep_indices(store, policy)
-        slim = export_model(gated, policy).to(device)
-        res = measure_latency_ms(slim, example_inputs, device=device, **measure_kw)
+        slim = export_model(gated, policy)
+        res = meter(slim)
         trials.append(
             {
                 "multiple": int(multiple),

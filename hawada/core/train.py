@@ -25,7 +25,7 @@ from torch import nn
 from hawada.core.distill import KDConfig, distill_loss
 from hawada.core.export import ExportPolicy, adapter_of, export, store_of
 from hawada.core.gates import PenaltyWeights, combined_penalty, project_gates_into_constraints
-from hawada.core.profiler import measure_latency_ms
+from hawada.core.profiler import Meter
 from hawada.core.proxy_cost import LatencyProxy
 
 AMP_MODES = ("off", "bf16", "fp16")
@@ -79,15 +79,11 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def make_latency_probe(
-    gated: nn.Module, example_inputs: Any, device: str | torch.device, **measure_kw: Any
-) -> Callable[[], dict]:
-    """A closure that exports the current hard keep set and measures it on ``device``."""
+def make_latency_probe(gated: nn.Module, meter: Meter) -> Callable[[], dict]:
+    """A closure that exports the current hard keep set and measures it with ``meter``."""
 
     def probe() -> dict:
-        slim = export(gated, ExportPolicy(check=False)).to(device)
-        res = measure_latency_ms(slim, example_inputs, device=device, **measure_kw)
-        return res.to_dict()
+        return meter(export(gated, ExportPolicy(check=False))).to_dict()
 
     return probe
 
