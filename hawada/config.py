@@ -117,6 +117,8 @@ class TargetSection:
 class ProxySection:
     mode: Literal["lut", "analytic"] = _f("lut")
     calib_points: int = _f(6, lo=2)
+    lut_repeats: int = _f(5, lo=1, help="timed runs per lookup-table op (at least)")
+    lut_budget_s: float = _f(0.3, lo=0.0, lo_open=True, help="time budget per lookup-table op")
 
 
 @dataclass

@@ -219,7 +219,9 @@ def optimize(recipe: Recipe, log: Callable[[str], None] = print) -> dict:
     # -- proxy: lookup table + calibration on several measured sub-architectures
     proxy = LatencyProxy(store, adapter.cost_terms(student, lat_in), mode=recipe.proxy.mode).to(device)
     if recipe.proxy.mode == "lut":
-        n_ops = proxy.measure_table(device=dev)
+        n_ops = proxy.measure_table(
+            device=dev, repeats=recipe.proxy.lut_repeats, budget_s=recipe.proxy.lut_budget_s
+        )
         log(f"proxy lookup table: {n_ops} ops timed")
     calib = measure_subarchs(
         student, calibration_logits(student, recipe.proxy.calib_points, recipe.seed), meter

@@ -27,6 +27,7 @@ def proxy_fidelity(
     calib_points: int = 6,
     points: int = 20,
     seed: int = 0,
+    lut_kw: dict | None = None,
 ) -> dict:
     """Calibrate each proxy mode on ``calib_points`` measured sub-architectures, then report its
     error on ``points`` held-out random ones (MAPE in %, Spearman). ``inputs`` give the shapes of
@@ -40,7 +41,7 @@ def proxy_fidelity(
     for mode in modes:
         t0 = time.perf_counter()
         proxy = LatencyProxy(store, terms, mode=mode)
-        ops = proxy.measure_table(device=device) if mode == "lut" else 0
+        ops = proxy.measure_table(device=device, **(lut_kw or {})) if mode == "lut" else 0
         fit = proxy.calibrate([w for w, _ in calib], [m for _, m in calib])
         with torch.no_grad():
             pred = [float(proxy(w.to(proxy.grid.device))) for w, _ in held]
@@ -89,6 +90,7 @@ def profile_recipe(
             calib_points=r.proxy.calib_points,
             points=points,
             seed=r.seed,
+            lut_kw={"repeats": r.proxy.lut_repeats, "budget_s": r.proxy.lut_budget_s},
         )
         res["fidelity"] = fid
         res["summary"]["fidelity"] = fid["summary"]

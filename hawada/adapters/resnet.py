@@ -362,27 +362,26 @@ def _rebuild(model: ResNet, keep: dict[str, torch.Tensor], constants: dict[str, 
     model.fc = slice_linear(model.fc, in_idx=k_prev)
 
 
-def build_from_layout(layout: dict) -> ResNet:
-    """An (untrained) ResNet with exactly the widths of ``layout``."""
+def build_from_layout(layout: dict, device: str | torch.device | None = None) -> ResNet:
+    """A ResNet with exactly the widths of ``layout``. Its weights are uninitialised (built on the
+    meta device, then allocated on ``device``): load a state dict into it."""
     block = Bottleneck if layout["block"] == "bottleneck" else BasicBlock
-    model = ResNet(block, [len(b) for b in layout["layers"]], num_classes=layout["num_classes"])
-    keep: dict[str, torch.Tensor] = {}
-    constants: dict[str, torch.Tensor] = {}
-
-    def ar(n):
-        return torch.arange(int(n))
-
-    keep[_stem_stream(model)] = ar(layout["stem"])
-    for i, blocks in enumerate(layout["layers"], start=1):
-        for j, b in enumerate(blocks):
-            keep[f"layer{i}"] = ar(b["out"])
-            if b.get("constant"):
-                constants[f"layer{i}.{j}"] = torch.zeros(model_width(model, i))
-            else:
-                for name, w in zip(_inner_names(i, j, getattr(model, f"layer{i}")[j]), b["inner"]):
-                    keep[name] = ar(w)
-    _rebuild(model, keep, constants)
-    return model
+    with torch.device("meta"):
+        model = ResNet(block, [len(b) for b in layout["layers"]], num_classes=layout["num_classes"])
+        keep: dict[str, torch.Tensor] = {}
+        constants: dict[str, torch.Tensor] = {}
+        keep[_stem_stream(model)] = torch.arange(int(layout["stem"]), device="cpu")
+        for i, blocks in enumerate(layout["layers"], start=1):
+            for j, b in enumerate(blocks):
+                keep[f"layer{i}"] = torch.arange(int(b["out"]), device="cpu")
+                if b.get("constant"):
+                    constants[f"layer{i}.{j}"] = torch.zeros(model_width(model, i))
+                else:
+                    names = _inner_names(i, j, getattr(model, f"layer{i}")[j])
+                    for name, w in zip(names, b["inner"], strict=True):
+                        keep[name] = torch.arange(int(w), device="cpu")
+        _rebuild(model, keep, constants)
+    return model.to_empty(device=device or "cpu")
 
 
 def model_width(model: ResNet, i: int) -> int:

@@ -10,6 +10,7 @@ from hawada.core.export import (
     slice_embedding,
     slice_linear,
 )
+from hawada.core.finetune import FinetuneConfig, finetune_student
 from hawada.core.gates import (
     GateConfig,
     GateStore,
@@ -19,6 +20,8 @@ from hawada.core.gates import (
 )
 from hawada.core.profiler import measure_latency_ms
 from hawada.core.proxy_cost import CostTerm, LatencyProxy
+from hawada.core.search_export import grid_search_latency
+from hawada.core.train import LagrangeTrainer, TrainConfig
 
 __all__ = [
     "KDConfig",
@@ -39,4 +42,9 @@ __all__ = [
     "GateConfig",
     "GateStore",
     "PenaltyWeights",
+    "grid_search_latency",
+    "LagrangeTrainer",
+    "TrainConfig",
+    "finetune_student",
+    "FinetuneConfig",
 ]

@@ -134,7 +134,7 @@ def finetune_student(
             hist.append({"step": step, "kd": float(loss.detach()), "lr": sched.get_last_lr()[0]})
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(kd=f"{float(loss):.4f}")
+                bar.set_postfix(kd=f"{float(loss.detach()):.4f}")
             if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                 recal()
                 consider(step)

@@ -61,11 +61,17 @@ def grid_search_latency(
                 "_policy": policy,
             }
         )
+    best, met = choose_trial(trials)
+    clean = [{k: v for k, v in t.items() if k != "_policy"} for t in trials]
+    return SearchResult(best["_policy"], {k: v for k, v in best.items() if k != "_policy"}, clean, met)
+
+
+def choose_trial(trials: list[dict]) -> tuple[dict, bool]:
+    """(best trial, whether it meets the target): among trials within target the one keeping the
+    most gate mass (ties: faster); when none is within target, the fastest."""
+    if not trials:
+        raise ValueError("grid search needs at least one (multiple, mode) combination")
     within = [t for t in trials if t["within_target"]]
     if within:
-        best = max(within, key=lambda t: (round(t["gate_mass"], 9), -t["median_ms"]))
-    else:
-        best = min(trials, key=lambda t: t["median_ms"])
-    policy = best["_policy"]
-    clean = [{k: v for k, v in t.items() if k != "_policy"} for t in trials]
-    return SearchResult(policy, {k: v for k, v in best.items() if k != "_policy"}, clean, bool(within))
+        return max(within, key=lambda t: (round(t["gate_mass"], 9), -t["median_ms"])), True
+    return min(trials, key=lambda t: t["median_ms"]), False

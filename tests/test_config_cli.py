@@ -1,0 +1,169 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from hawada.cli import main
+from hawada.config import RecipeError, apply_overrides, load_recipe, recipe_from_dict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write(tmp_path, data, name="r.yaml"):
+    p = tmp_path / name
+    p.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return str(p)
+
+
+def test_defaults_and_shipped_recipes_validate():
+    r = recipe_from_dict({})
+    assert r.model.family == "resnet" and r.target.ratio == 0.5
+    for sub in ("cpu", "H100"):
+        d = os.path.join(ROOT, "recipes", sub)
+        for f in sorted(os.listdir(d)):
+            load_recipe(os.path.join(d, f))
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"trian": {"steps": 3}}, "unknown key 'trian'; did you mean 'train'?"),
+        ({"train": {"stpes": 3}}, "unknown key 'train.stpes'; did you mean 'train.steps'?"),
+        ({"train": {"steps": "many"}}, "train.steps: expected an integer, got 'many'"),
+        ({"train": {"steps": 0}}, "train.steps: must be >= 1, got 0"),
+        ({"target": {"ratio": 1.5}}, "target.ratio: must be <= 1, got 1.5"),
+        ({"gates": {"mode": "magic"}}, "gates.mode: expected one of"),
+        ({"train": 3}, "train: expected a mapping"),
+        ({"search": {"modes": ["up"]}}, "search.modes: 'up' is not one of"),
+        ({"target": {"ratio": None}}, "target: give ratio or latency_ms"),
+        ({"data": {"kind": "imagefolder"}}, "data.path"),
+    ],
+)
+def test_schema_errors_name_the_field(data, message):
+    with pytest.raises(RecipeError) as e:
+        recipe_from_dict(data)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_overrides():
+    d = apply_overrides({"train": {"steps": 5}}, ["train.steps=7", "search.multiples=[1, 2]", "name=x"])
+    assert d == {"train": {"steps": 7}, "search": {"multiples": [1, 2]}, "name": "x"}
+    with pytest.raises(RecipeError, match="KEY=VALUE"):
+        apply_overrides({}, ["train.steps"])
+    with pytest.raises(RecipeError, match="not a section"):
+        apply_overrides({"name": "x"}, ["name.sub=1"])
+
+
+def test_recipe_file_errors(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(str(tmp_path / "nope.yaml"))
+    with pytest.raises(RecipeError, match="not valid YAML at line"):
+        load_recipe(write(tmp_path, "a: [1, 2\nb: 3\n"))
+    with pytest.raises(RecipeError, match="expected a mapping of sections"):
+        load_recipe(write(tmp_path, "- 1\n- 2\n"))
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.family=transformer3000"], "unknown model family 'transformer3000'"),
+        (
+            ["data.kind=imagefolder", "data.path=/nonexistent/imagenet"],
+            "dataset folder not found: /nonexistent",
+        ),
+        (["model.path=/nonexistent/w.safetensors"], "model.path: file not found"),
+        (["model.arch=resnet9000"], "unknown torchvision model 'resnet9000'"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, overrides, message):
+    out_dir = tmp_path / "out"
+    sets = []
+    for o in overrides + [f"output.dir={out_dir}", "teacher.epochs=0", "progress=false"]:
+        sets += ["--set", o]
+    code, out, err = run_cli(
+        capsys, "optimize", os.path.join(ROOT, "recipes/cpu/resnet18_digits.yaml"), *sets
+    )
+    assert code == 2
+    assert err.startswith("hawada: error: ") and message in err and err.count("\n") == 1
+    assert not out_dir.exists()
+
+
+def test_target_below_what_any_keep_set_reaches(tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    code, _, err = run_cli(
+        capsys,
+        "optimize",
+        os.path.join(ROOT, "recipes/cpu/resnet18_digits.yaml"),
+        "--set",
+        "target.latency_ms=0.0001",
+        "--set",
+        "teacher.epochs=0",
+        "--set",
+        "progress=false",
+        "--set",
+        "data.image_size=16",
+        "--set",
+        "target.batch_size=2",
+        "--set",
+        f"output.dir={out_dir}",
+    )
+    assert code == 2 and "is below the fastest allowed keep set" in err and err.count("\n") == 1
+    assert not out_dir.exists() and not any(p.name.startswith("out.partial") for p in tmp_path.iterdir())
+
+
+def test_existing_output_is_not_overwritten(tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "keep.txt").write_text("mine")
+    code, _, err = run_cli(
+        capsys,
+        "optimize",
+        os.path.join(ROOT, "recipes/cpu/resnet18_digits.yaml"),
+        "--set",
+        f"output.dir={out_dir}",
+    )
+    assert code == 2 and "exists and is not empty" in err
+    assert (out_dir / "keep.txt").read_text() == "mine"
+
+
+def test_subprocess_exit_code_and_no_traceback(tmp_path):
+    bad = write(tmp_path, {"train": {"setps": 1}})
+    p = subprocess.run(
+        [sys.executable, "-m", "hawada", "optimize", bad], capture_output=True, text=True, cwd=ROOT
+    )
+    assert p.returncode == 2
+    assert p.stderr == "hawada: error: unknown key 'train.setps'; did you mean 'train.steps'?\n"
+    p = subprocess.run([sys.executable, "-m", "hawada", "optimise"], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.count("\n") == 1
+
+
+def test_profile_reports_keepall_latency(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    code, stdout, _ = run_cli(
+        capsys,
+        "profile",
+        os.path.join(ROOT, "recipes/cpu/resnet18_digits.yaml"),
+        "--set",
+        "data.image_size=16",
+        "--set",
+        "target.batch_size=4",
+        "--set",
+        "measure.min_repeats=3",
+        "--set",
+        "measure.budget_s=0.2",
+        "--out",
+        str(out),
+    )
+    assert code == 0
+    res = json.loads(out.read_text())
+    assert res["keep_all"]["median_ms"] > 0 and res["keep_all"]["shapes"] == [[4, 3, 16, 16]]
+    assert "torch" in res["versions"]

@@ -1,0 +1,190 @@
+import math
+
+import pytest
+import torch
+
+from hawada.core.gates import (
+    GateConfig,
+    GateStore,
+    PenaltyWeights,
+    bimodality_penalty,
+    combined_penalty,
+    expand_to_units,
+    expected_l0,
+    keep_floor_penalty,
+    project_gates_into_constraints,
+)
+
+
+def make_store(mode: str = "hard_concrete", **kw) -> GateStore:
+    st = GateStore(GateConfig(mode=mode, **kw))
+    st.register("a", "block", units=10, group_size=3, layer=0)  # 4 gates, last covers 1 unit
+    st.register("b", "stage", units=5, group_size=1, layer=1)
+    st.register("c", "head", units=1, group_size=1, layer=2)  # a segment of length 1
+    return st
+
+
+def test_segments_share_one_flat_parameter():
+    st = make_store()
+    assert isinstance(st.logits, torch.nn.Parameter) and st.logits.dim() == 1
+    assert len(st) == 4 + 5 + 1
+    a, b, c = st.segments
+    assert (a.start, a.count, a.group_size, a.units) == (0, 4, 3, 10)
+    assert (b.start, b.count, b.kind, b.layer) == (4, 5, "stage", 1)
+    assert c.start == 9 and c.count == 1
+    assert a.gate_sizes() == [3, 3, 3, 1]
+    assert st.seg_id.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 1, 2]
+    with pytest.raises(ValueError, match="registered twice"):
+        st.register("a", "block", 3)
+
+
+def test_stage_keeps_at_least_one_gate():
+    st = GateStore(GateConfig(min_keep={"block": 2}))
+    blk = st.register("x", "block", 8)
+    stg = st.register("s", "stage", 8)
+    assert blk.min_keep == 2 and stg.min_keep == 1
+
+
+@pytest.mark.parametrize("mode", ["hard_concrete", "ste"])
+def test_probs_is_the_sampling_distribution(mode):
+    """Invariant 3: P(gate > 0) under sample() equals probs()."""
+    st = make_store(mode)
+    with torch.no_grad():
+        st.logits.copy_(torch.linspace(-3, 3, len(st)))
+    n = 40000
+    hits = torch.zeros(len(st))
+    for _ in range(n // 1000):
+        noise = torch.rand(1000, len(st))
+        z = torch.stack([st.sample(u) for u in noise])
+        hits += (z > 0).float().sum(0)
+    freq = hits / n
+    assert torch.allclose(freq, st.probs().detach(), atol=0.015)
+
+
+def test_sigmoid_mode_is_deterministic_and_consistent():
+    st = make_store("sigmoid", tau=0.5)
+    with torch.no_grad():
+        st.logits.normal_()
+    z = st.sample()
+    assert torch.equal(z, st.probs())
+    assert torch.allclose(z, torch.sigmoid(st.logits / 0.5))
+
+
+def test_hard_concrete_probability_formula():
+    st = make_store("hard_concrete", tau=0.5, stretch=(-0.1, 1.1))
+    with torch.no_grad():
+        st.logits.normal_()
+    expect = torch.sigmoid(st.logits - 0.5 * math.log(0.1 / 1.1))
+    assert torch.allclose(st.probs(), expect)
+
+
+def test_eval_mode_is_hard_open_iff_logit_positive():
+    st = make_store()
+    with torch.no_grad():
+        st.logits.copy_(torch.tensor([1.0, -1.0, 0.0, 2.0, 0.5, -0.5, 3.0, -3.0, 0.1, -0.1]))
+    st.eval()
+    st.refresh()
+    assert st.gate_mask().tolist() == [1, 0, 0, 1, 1, 0, 1, 0, 1, 0]
+    assert st.unit_mask("a").tolist() == [1, 1, 1, 0, 0, 0, 0, 0, 0, 1]
+    assert st.open_units().tolist() == [4.0, 3.0, 0.0]
+
+
+def test_training_forward_samples_once_per_refresh():
+    st = make_store()
+    st.train()
+    st.refresh()
+    m1 = st.unit_mask("b")
+    assert st.unit_mask("b") is m1
+    st.refresh()
+    assert not torch.equal(st.unit_mask("b"), m1)
+
+
+def test_expected_units_and_penalties_match_plain_formulas():
+    st = make_store()
+    with torch.no_grad():
+        st.logits.normal_()
+    st.set_segment_costs(torch.tensor([2.0, 1.0, 5.0]))
+    p = st.probs()
+    sizes = torch.tensor([3, 3, 3, 1, 1, 1, 1, 1, 1, 1.0])
+    exp = torch.stack([(p[0:4] * sizes[0:4]).sum(), p[4:9].sum(), p[9:10].sum()])
+    assert torch.allclose(st.expected_units(), exp)
+    cost = torch.tensor([2.0] * 4 + [1.0] * 5 + [5.0])
+    assert torch.allclose(expected_l0(st), (p * sizes * cost).sum() / (sizes * cost).sum())
+    assert torch.allclose(expected_l0(st, cost_weighted=False), (p * sizes).sum() / sizes.sum())
+    units = torch.tensor([10.0, 5.0, 1.0])
+    short = torch.relu(0.5 * units - exp) / units
+    assert torch.allclose(keep_floor_penalty(st, 0.5), (short**2).mean())
+    assert torch.allclose(bimodality_penalty(st), (p * (1 - p)).mean())
+    w = PenaltyWeights(l0=2.0, floor=3.0, floor_frac=0.5, bimodal=0.5)
+    total = 2.0 * expected_l0(st) + 3.0 * keep_floor_penalty(st, 0.5) + 0.5 * bimodality_penalty(st)
+    assert torch.allclose(combined_penalty(st, w), total)
+    combined_penalty(st, w).backward()
+    assert st.logits.grad is not None and st.logits.grad.abs().sum() > 0
+
+
+def naive_project(logits: torch.Tensor, st: GateStore, margin: float) -> torch.Tensor:
+    out = logits.clone().clamp(-st.config.logit_clip, st.config.logit_clip)
+    for s in st.segments:
+        seg = out[s.start : s.stop]
+        order = sorted(range(s.count), key=lambda i: (-float(seg[i]), i))
+        for i in order[: s.min_keep]:
+            seg[i] = max(float(seg[i]), margin)
+    return out
+
+
+def test_projection_matches_a_per_segment_loop():
+    st = GateStore(GateConfig(min_keep={"block": 2, "head": 3}, logit_clip=4.0))
+    for i, (kind, n) in enumerate([("block", 7), ("head", 3), ("stage", 1), ("block", 1), ("stage", 12)]):
+        st.register(f"s{i}", kind, n)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        lg = torch.randn(len(st), generator=g) * 5 - 2
+        lg[3] = lg[4]  # ties
+        with torch.no_grad():
+            st.logits.copy_(lg)
+        project_gates_into_constraints(st, margin=0.05)
+        assert torch.equal(st.logits.detach(), naive_project(lg, st, 0.05))
+        open_per_seg = st.segment_sum((st.logits > 0).float())
+        assert (open_per_seg >= st.seg_min_keep.float()).all()
+
+
+def test_anneal_and_config_validation():
+    st = GateStore(GateConfig(tau=1.0, tau_final=0.1))
+    st.anneal(0, 10)
+    assert float(st.tau) == pytest.approx(1.0)
+    st.anneal(5, 10)
+    assert float(st.tau) == pytest.approx(math.sqrt(0.1))
+    st.anneal(10, 10)
+    assert float(st.tau) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="gate mode"):
+        GateConfig(mode="bernoulli")
+    with pytest.raises(ValueError, match="stretch"):
+        GateConfig(stretch=(0.1, 1.1))
+    with pytest.raises(ValueError, match="group_size"):
+        GateConfig(group_size={"ffn": 0})
+
+
+def test_override_forces_unit_masks():
+    st = make_store()
+    st.eval()
+    forced = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1, 0, 1.0])
+    with st.override({"a": forced}):
+        assert torch.equal(st.unit_mask("a"), forced)
+    assert not torch.equal(st.unit_mask("a"), forced)
+
+
+def test_expand_to_units_handles_partial_last_group():
+    st = make_store()
+    seg = st.segment("a")
+    assert expand_to_units(torch.tensor([1.0, 0.0, 1.0, 0.5]), seg).tolist() == [
+        1,
+        1,
+        1,
+        0,
+        0,
+        0,
+        1,
+        1,
+        1,
+        0.5,
+    ]
