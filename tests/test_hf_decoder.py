@@ -216,7 +216,8 @@ def test_save_load_round_trips(tmp_path, family):
     ref = HFDecoderAdapter().check_output(slim, x)
     path = str(tmp_path / "slim")
     save_slim(slim, path)
-    lay = json.load(open(os.path.join(path, "layout.json")))
+    with open(os.path.join(path, "layout.json")) as f:
+        lay = json.load(f)
     assert lay["family"] == "hf_decoder" and not lay["uniform"]
     a = load_slim(path)  # stock classes, no remote code
     assert type(a) is type(base)
@@ -242,7 +243,8 @@ def test_uniform_export_is_a_stock_checkpoint(tmp_path):
     path = str(tmp_path / "uni")
     save_slim(slim, path)
     assert not os.path.exists(os.path.join(path, "modeling_hawada.py"))
-    cfg = json.load(open(os.path.join(path, "config.json")))
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
     assert "auto_map" not in cfg and "hawada_layout" not in cfg
     plain = transformers.AutoModelForCausalLM.from_pretrained(path).eval()  # no remote code at all
     x = ad.example_inputs(slim)

@@ -110,3 +110,16 @@ def test_pipeline_smoke(tmp_path):
     assert layer_widths(slim) == rep["layout"]["slim"]["layers"]
     with open(os.path.join(out, "report.json")) as f:
         assert json.load(f)["job"]["timed"]["phase"] == "decode"
+
+
+def test_hidden_state_mse_masks_padding():
+    from hawada.core.distill import hidden_state_mse
+
+    t = [torch.zeros(2, 3, 4), torch.zeros(2, 3, 4)]
+    s = [torch.zeros(2, 3, 4), torch.zeros(2, 3, 4)]
+    s[1][1, 2] = 10.0  # a padded position: ignored
+    s[0][0, 0] = 2.0  # a real one: (4 * 4) / (5 tokens * 4 dims) = 0.8 on layer 0
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    assert torch.allclose(hidden_state_mse(s, t, mask), torch.tensor(0.4))
+    with pytest.raises(ValueError, match="same, non-zero number"):
+        hidden_state_mse(s, t[:1])

@@ -33,6 +33,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -434,6 +435,12 @@ class HFDecoderAdapter(Adapter):
 
     @torch.no_grad()
     def export_pruned(self, gated: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
+        # a fully closed FFN becomes zero-width linears; torch warns that initialising them is a no-op
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+            return self._export_pruned(gated, keep)
+
+    def _export_pruned(self, gated: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
         slim = clone_without_gates(gated)
         hd = head_dim_of(slim)
         layout = []
