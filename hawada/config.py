@@ -111,6 +111,11 @@ class TargetSection:
     ratio: float | None = _f(0.5, lo=0.0, hi=1.0, lo_open=True, help="fraction of the keep-all latency")
     latency_ms: float | None = _f(None, lo=0.0, lo_open=True, help="absolute target; overrides ratio")
     batch_size: int = _f(64, lo=1)
+    phase: Literal["prefill", "decode", "mix"] = _f(
+        "prefill", help="language models: time the prompt's prefill, one decode step, or both"
+    )
+    context_len: int = _f(256, lo=1, help="language models: prompt length / KV-cache length of a decode step")
+    decode_tokens: int = _f(16, lo=1, help="language models, phase mix: decode steps timed after the prefill")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +86,27 @@ def mse_reg(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | N
         return diff.mean()
     m = mask.to(diff.dtype).unsqueeze(-1)
     return (diff * m).sum() / (m.sum() * diff.shape[-1]).clamp_min(1.0)
+
+
+def hidden_state_mse(
+    student_states: Sequence[torch.Tensor],
+    teacher_states: Sequence[torch.Tensor],
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean over layer pairs of the masked MSE of ``[B, L, D]`` hidden states (``mask`` ``[B, L]``).
+
+    For decoders whose residual width is unchanged by pruning (heads and FFN are pruned, the
+    hidden size is not), student and teacher states of the same layer are directly comparable.
+    """
+    if len(student_states) != len(teacher_states) or not student_states:
+        raise ValueError(
+            f"hidden-state MSE needs the same, non-zero number of states, got {len(student_states)} "
+            f"and {len(teacher_states)}"
+        )
+    total = student_states[0].new_zeros((), dtype=torch.float32)
+    for s, t in zip(student_states, teacher_states):
+        total = total + mse_reg(s, t, mask)
+    return total / len(student_states)
 
 
 def cosine_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,10 @@ class CostTerm:
     the lookup table: ``conv2d`` {batch, h, w, kernel, stride, padding}, ``linear``
     {tokens}, ``norm_act`` {batch, h, w} or {tokens}, ``attention`` {batch, seq, head_dim};
     ``conv2d``/``linear`` also take ``in_mult``/``out_mult`` (elements per unit of a dim).
+    Grouped-query decoders: ``linear_heads`` {tokens, fixed, mult, side} (dims: query slots,
+    KV groups), ``attention_gqa`` {batch, seq, head_dim} (causal prefill) and
+    ``decode_attention`` {batch, ctx, head_dim} (one query token reading a KV cache of ``ctx``).
+    Any op takes ``repeat`` (runs per call).
     """
 
     name: str
@@ -54,7 +58,21 @@ class CostTerm:
 
 
 def _build_op(op: str, spec: dict, widths: Sequence[int]) -> tuple[Callable, tuple]:
-    """A module (or function) of one op at the given widths, with an example input."""
+    """A module (or function) of one op at the given widths, with an example input.
+
+    ``spec["repeat"]`` > 1 runs the op that many times per call (e.g. the decode steps of a
+    prefill + decode mix).
+    """
+    rep = int(spec.get("repeat", 1))
+    if rep > 1:
+        fn, args = _build_op(op, {k: v for k, v in spec.items() if k != "repeat"}, widths)
+
+        def repeated(*a):
+            for _ in range(rep):
+                out = fn(*a)
+            return out
+
+        return repeated, args
     # ``in_mult``/``out_mult``: elements per unit (e.g. head_dim when a dim counts heads).
     if op in ("conv2d", "linear"):
         widths = (widths[0] * spec.get("in_mult", 1), widths[1] * spec.get("out_mult", 1))
@@ -76,6 +94,25 @@ def _build_op(op: str, spec: dict, widths: Sequence[int]) -> tuple[Callable, tup
         (h,) = widths
         q = torch.randn(spec["batch"], h, spec["seq"], spec["head_dim"])
         return torch.nn.functional.scaled_dot_product_attention, (q, q.clone(), q.clone())
+    if op == "linear_heads":
+        # a projection to/from (slots x groups x mult) features, e.g. GQA q_proj / o_proj
+        n = widths[0] * widths[1] * spec.get("mult", 1)
+        fin, fout = (spec["fixed"], n) if spec.get("side", "out") == "out" else (n, spec["fixed"])
+        return nn.Linear(fin, fout).eval(), (torch.randn(spec["tokens"], fin),)
+    if op in ("attention_gqa", "decode_attention"):
+        # widths (query heads per KV group, KV groups); decode: one query against a KV cache
+        rep_, kv = widths
+        q_len = spec["seq"] if op == "attention_gqa" else 1
+        ctx = spec["seq"] if op == "attention_gqa" else spec["ctx"]
+        q = torch.randn(spec["batch"], kv * rep_, q_len, spec["head_dim"])
+        k = torch.randn(spec["batch"], kv, ctx, spec["head_dim"])
+
+        def attn(q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=op == "attention_gqa", enable_gqa=True
+            )
+
+        return attn, (q, k, k.clone())
     raise ValueError(f"no lookup-table builder for op {op!r}")
 
 

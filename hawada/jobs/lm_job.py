@@ -1,0 +1,175 @@
+"""Causal language-model jobs (``data.kind: stdlib_source``) for the ``hf_decoder`` family.
+
+The corpus is the standard library's source (:mod:`hawada.lm_data`), tokenised by the model
+folder's packaged tokenizer when it ships one, else byte-level. What is timed follows the
+recipe's ``target`` section:
+
+* ``phase: decode`` - one decode step of ``batch_size`` sequences against a KV cache holding
+  ``context_len`` tokens (the cache is cropped back before every call, so repeated calls time
+  the same thing);
+* ``phase: prefill`` - the forward of ``batch_size`` prompts of ``context_len`` tokens;
+* ``phase: mix`` - that prefill followed by ``decode_tokens`` greedy decode steps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import nn
+
+from hawada.adapters.base import get_adapter
+from hawada.adapters.hf_decoder import CheckpointError, VocabMismatchError, check_same_vocab
+from hawada.config import Recipe
+from hawada.lm_data import Tokenizer, stdlib_splits
+from hawada.pipeline import Job
+
+
+def _cache_of(out):
+    return getattr(out, "past_key_values", None) if getattr(out, "cache", None) is None else out.cache
+
+
+class DecodeStep(nn.Module):
+    """``forward(ids [B, 1]) -> logits [B, 1, V]``: one decode step against a pre-filled KV cache
+    of ``context`` tokens (random prompt, fixed seed)."""
+
+    def __init__(self, model: nn.Module, batch: int, context: int) -> None:
+        super().__init__()
+        self.model, self.context = model, context
+        dev = next(model.parameters()).device
+        vocab = model.get_input_embeddings().num_embeddings
+        ids = torch.randint(0, vocab, (batch, context), generator=torch.Generator().manual_seed(0)).to(dev)
+        with torch.no_grad():
+            self.cache = _cache_of(model(input_ids=ids, use_cache=True, logits_to_keep=1))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        extra = self.cache.get_seq_length() - self.context
+        if extra > 0:
+            self.cache.crop(-extra)
+        return self.model(input_ids=ids, cache=self.cache, use_cache=True).logits
+
+
+class PrefillStep(nn.Module):
+    """``forward(ids [B, L]) -> logits [B, L, V]`` without a cache."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, use_cache=False).logits
+
+
+class PrefillDecode(nn.Module):
+    """``forward(ids [B, L]) -> ids [B, steps]``: prefill, then ``steps`` greedy decode steps."""
+
+    def __init__(self, model: nn.Module, steps: int) -> None:
+        super().__init__()
+        self.model, self.steps = model, steps
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        cache, nxt = _cache_of(out), out.logits[:, -1:].argmax(-1)
+        toks = [nxt]
+        for _ in range(self.steps - 1):
+            out = self.model(input_ids=nxt, cache=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            toks.append(nxt)
+        return torch.cat(toks, 1)
+
+
+def make_timed(phase: str, batch: int, context: int, decode_tokens: int):
+    """``(latency_inputs, wrap)`` for the pipeline's one meter."""
+    g = torch.Generator().manual_seed(1)
+    if phase == "decode":
+        return (torch.randint(0, 256, (batch, 1), generator=g),), lambda m: DecodeStep(m, batch, context)
+    ids = torch.randint(0, 256, (batch, context), generator=g)
+    if phase == "prefill":
+        return (ids,), PrefillStep
+    return (ids,), lambda m: PrefillDecode(m, decode_tokens)
+
+
+@torch.no_grad()
+def lm_metrics(teacher: nn.Module, student: nn.Module, loader, device: torch.device) -> dict:
+    """Perplexity of both models on ``loader`` (next-token, masked) and top-1 agreement."""
+    check_same_vocab(teacher, student)
+    was_s = student.training
+    teacher.eval()
+    student.eval()
+    nll_t = nll_s = 0.0
+    agree = n = 0
+    try:
+        for batch in loader:
+            ids = batch["input_ids"].to(device)
+            mask = batch["attention_mask"].to(device)
+            tgt, m = ids[:, 1:], mask[:, 1:].bool()
+            ls = student(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            nll_s += float(torch.nn.functional.cross_entropy(ls[m], tgt[m], reduction="sum"))
+            lt = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            nll_t += float(torch.nn.functional.cross_entropy(lt[m], tgt[m], reduction="sum"))
+            agree += int((lt.argmax(-1) == ls.argmax(-1))[m].sum())
+            n += int(m.sum())
+    finally:
+        student.train(was_s)
+    t_ppl, s_ppl = math.exp(nll_t / n), math.exp(nll_s / n)
+    return {
+        "teacher_ppl": t_ppl,
+        "student_ppl": s_ppl,
+        "ppl_ratio": s_ppl / t_ppl,
+        "top1_agreement": agree / n,
+        "neg_ppl": -s_ppl,
+        "tokens": n,
+    }
+
+
+def build_lm_job(recipe: Recipe, device: torch.device) -> Job:
+    d, m, tgt = recipe.data, recipe.model, recipe.target
+    adapter = get_adapter(m.family)
+    if adapter.family != "hf_decoder":
+        raise ValueError(f"data.kind stdlib_source needs model.family hf_decoder, got {m.family!r}")
+    if m.path is None or not os.path.isdir(m.path):
+        raise CheckpointError(
+            f"model.path: model folder not found: {m.path} (the tiny teacher is made by "
+            "benchmarks/train_tiny_llama.py)"
+        )
+    teacher = adapter.load_model(m.arch, 0, m.path, attn_implementation=m.attn_implementation)
+    tok = Tokenizer.from_folder(m.path) or Tokenizer()
+    vocab = teacher.get_input_embeddings().num_embeddings
+    if vocab < tok.vocab_size:
+        raise VocabMismatchError(
+            f"model vocabulary has {vocab} tokens but the data's tokenizer produces ids up to {tok.vocab_size - 1}"
+        )
+    splits = stdlib_splits(d.seq_len, d.batch_size, d.max_chars, seed=recipe.seed, tokenizer=tok)
+    teacher.to(device).eval()
+    lat_in, wrap = make_timed(tgt.phase, tgt.batch_size, tgt.context_len, tgt.decode_tokens)
+    # the proxy's cost terms describe what is timed
+    adapter.phase, adapter.context, adapter.decode_steps = tgt.phase, tgt.context_len, tgt.decode_tokens
+
+    def evaluate(t: nn.Module, s: nn.Module, split: str) -> dict:
+        return lm_metrics(t, s, splits["val"] if split == "val" else splits["test"], device)
+
+    info = {
+        "data": d.kind,
+        "tokenizer": "packaged" if tok.encode_fn is not None else "bytes",
+        "train_sequences": int(splits["train"].sequences.shape[0]),
+        "seq_len": d.seq_len,
+        "timed": {
+            "phase": tgt.phase,
+            "batch": tgt.batch_size,
+            "context": tgt.context_len,
+            "decode_tokens": tgt.decode_tokens if tgt.phase == "mix" else None,
+        },
+    }
+    return Job(
+        adapter,
+        teacher,
+        splits["train"],
+        splits["val"],
+        lat_in,
+        evaluate,
+        "neg_ppl",
+        adapter.save,
+        info,
+        wrap,
+    )
