@@ -75,6 +75,19 @@ inline void gather_cols(uint8_t* dst, const uint8_t* base, const int64_t* cols, 
   }
 }
 
+// Columns of `k` contiguous elements each (a small conv kernel), copied as typed elements.
+template <typename T>
+inline void gather_chunks(uint8_t* dst, const uint8_t* base, const int64_t* cols, int64_t n, int64_t s1,
+                          int64_t k) {
+  T* d = reinterpret_cast<T*>(dst);
+  const T* s = reinterpret_cast<const T*>(base);
+  for (int64_t j = 0; j < n; ++j) {
+    const T* src = s + (cols ? cols[j] : j) * s1;
+    for (int64_t q = 0; q < k; ++q) std::memcpy(d + q, src + q, sizeof(T));
+    d += k;
+  }
+}
+
 // Copies output row `i` of `job` (bytes only: bitwise exact for every dtype).
 void copy_row(const SliceJob& job, int64_t i) {
   const int64_t e = job.esize;
@@ -93,6 +106,15 @@ void copy_row(const SliceJob& job, int64_t i) {
         case 2: return gather_cols<uint16_t>(out, base, job.cols, job.n_cols, job.s1);
         case 4: return gather_cols<uint32_t>(out, base, job.cols, job.n_cols, job.s1);
         case 8: return gather_cols<uint64_t>(out, base, job.cols, job.n_cols, job.s1);
+        default: break;
+      }
+    }
+    if (chunk < 64) {  // e.g. a 3x3 kernel: a library memcpy call per column costs more than the copy
+      switch (e) {
+        case 1: return gather_chunks<uint8_t>(out, base, job.cols, job.n_cols, job.s1, job.inner);
+        case 2: return gather_chunks<uint16_t>(out, base, job.cols, job.n_cols, job.s1, job.inner);
+        case 4: return gather_chunks<uint32_t>(out, base, job.cols, job.n_cols, job.s1, job.inner);
+        case 8: return gather_chunks<uint64_t>(out, base, job.cols, job.n_cols, job.s1, job.inner);
         default: break;
       }
     }

@@ -107,3 +107,23 @@ def test_adaptive_repeats_stop_rules(ext, one_thread):
     assert time.perf_counter() - t0 < 15.0 and 5 <= budget.n < 10**7  # the budget ends it
     loose = measure_latency_ms(model, x, timer="cpp", min_repeats=7, max_repeats=500, rel_ci=1e9)
     assert loose.n == 7  # a wide enough interval after min_repeats: stops at once
+
+
+class Stateful(nn.Module):
+    """Keeps Python state between calls (like a decode step with a growing cache)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x * self.calls
+
+
+def test_a_trace_that_does_not_compute_the_eager_call_is_not_timed_in_cpp(ext):
+    assert (
+        measure_latency_ms(Stateful(), torch.randn(4), min_repeats=3, max_repeats=3).timer == "perf_counter"
+    )
+    with pytest.raises(ValueError, match="outputs differ"):
+        measure_latency_ms(Stateful(), torch.randn(4), timer="cpp", min_repeats=3, max_repeats=3)

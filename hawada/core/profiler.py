@@ -347,9 +347,46 @@ def _cpp_cpu_program(model: Any, inputs: Any, required: bool) -> tuple[Any, list
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # deprecation and tracer warnings: timing only needs the ops
             script = torch.jit.trace(target, tuple(args), check_trace=False, strict=False)
+        # The program must compute what the eager call computes (a call that keeps Python state,
+        # e.g. a growing KV cache, or that branches on data, does not): otherwise the Python loop.
+        with torch.no_grad():
+            same = _same_outputs(script(*args), target(*args))
     except Exception as e:  # untraceable models are timed by the Python loop
         return fail(f"tracing failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    if not same:
+        return fail("the traced program's outputs differ from the eager call's")
     return script, args
+
+
+def _flat_tensors(x: Any) -> list | None:
+    """Tensors of a nested output (tensor, list/tuple, dict); None for anything else."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    items = x.values() if isinstance(x, Mapping) else x if isinstance(x, list | tuple) else None
+    if items is None:
+        return None if x is not None else []
+    out: list = []
+    for v in items:
+        f = _flat_tensors(v)
+        if f is None:
+            return None
+        out += f
+    return out
+
+
+def _same_outputs(a: Any, b: Any) -> bool:
+    fa, fb = _flat_tensors(a), _flat_tensors(b)
+    if fa is None or fb is None or len(fa) != len(fb):
+        return False
+    for x, y in zip(fa, fb):
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return False
+        if x.is_floating_point() or x.is_complex():
+            if not torch.allclose(x, y, rtol=1e-4, atol=1e-5, equal_nan=True):
+                return False
+        elif not torch.equal(x, y):
+            return False
+    return True
 
 
 class _KwargsCall(nn.Module):
