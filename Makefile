@@ -3,8 +3,16 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The optional C++ extension hawada._C, built in place (CPU sources) before the tests run.
+EXT_SRC := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
+EXT_STAMP := build/.ext-cpu.stamp
+# CUDA toolkit for the CUDA compile check: $$CUDA_HOME if set, else /usr/local/cuda, else the
+# newest /usr/local/cuda-X.Y that has bin/nvcc (torch's own guess from `which nvcc` fails when
+# nvcc on PATH is a wrapper script outside the toolkit).
+CUDA_HOME ?= $(or $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda),$(patsubst %/bin/nvcc,%,$(lastword $(sort $(wildcard /usr/local/cuda-*/bin/nvcc)))))
+CUDA_ARCH ?= 9.0
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean ext cuda-compile
 
 $(STAMP): requirements-dev.txt pyproject.toml setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,12 +24,25 @@ $(STAMP): requirements-dev.txt pyproject.toml setup.py
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/hawada optimize recipes/cpu/resnet18_digits.yaml --set output.overwrite=true
 
-test: $(STAMP)
+$(EXT_STAMP): $(STAMP) $(EXT_SRC) setup.py
+	HAWADA_BUILD_EXT=1 HAWADA_BUILD_CUDA=0 $(BIN)/python setup.py -q build_ext --inplace
+	mkdir -p build && touch $@
+
+ext: $(EXT_STAMP)
+
+# HAWADA_EXT=require: a build that does not load fails the extension's tests instead of skipping them.
+test: $(STAMP) $(EXT_STAMP)
 	$(BIN)/ruff check hawada tests benchmarks
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+	HF_HUB_OFFLINE=1 HAWADA_EXT=require $(BIN)/python -m pytest -q tests
+
+# Compile (and link) the CUDA build for sm_$(CUDA_ARCH) without running it: no GPU needed.
+cuda-compile: $(STAMP)
+	@test -n "$(CUDA_HOME)" || { echo "cuda-compile: no CUDA toolkit found; set CUDA_HOME"; exit 1; }
+	HAWADA_BUILD_EXT=1 HAWADA_BUILD_CUDA=1 HAWADA_CUDA_ARCH_LIST=$(CUDA_ARCH) CUDA_HOME=$(CUDA_HOME) \
+		$(BIN)/python setup.py -q build_ext --build-lib build/cuda-check --build-temp build/cuda-check/tmp
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest benchmarks/ --benchmark-only -q
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache hawada/_C*.so

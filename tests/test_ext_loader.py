@@ -10,16 +10,18 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Uses everything that consults the extension: slicing, export, latency.
+# Uses what consults the extension: slicing, latency (twice) and, with EXPORT, a ResNet export.
 SCRIPT = r"""
-import json, torch, torchvision, hawada
+import json, os, torch, hawada
 from hawada.core.slicing import slice_many
 from hawada.core.profiler import measure_latency_ms
 out = slice_many([torch.arange(12.).view(3, 4)], [torch.tensor([2, 0])], [torch.tensor([1])])
-gated = hawada.attach(torchvision.models.resnet18(num_classes=4))
-with torch.no_grad():
-    hawada.gates(gated).logits.copy_(torch.randn(hawada.gates(gated).logits.shape) + 0.5)
-slim = hawada.export(gated, example_inputs=torch.randn(1, 3, 32, 32))
+if os.environ.get("EXPORT"):
+    import torchvision
+    gated = hawada.attach(torchvision.models.resnet18(num_classes=4))
+    with torch.no_grad():
+        hawada.gates(gated).logits.copy_(torch.randn(hawada.gates(gated).logits.shape) + 0.5)
+    slim = hawada.export(gated, example_inputs=torch.randn(1, 3, 32, 32))
 lat = measure_latency_ms(torch.nn.Linear(4, 4), torch.randn(2, 4), min_repeats=3, max_repeats=3)
 lat2 = measure_latency_ms(torch.nn.Linear(4, 4), torch.randn(2, 4), min_repeats=3, max_repeats=3)
 print(json.dumps({"slice": out[0].flatten().tolist(), "timer": [lat.timer, lat2.timer],
@@ -61,7 +63,7 @@ def test_missing_broken_or_stale_extension_warns_once(tmp_path, case, module_tex
     name = f"hawada_fake_ext_{case}"
     if module_text is not None:
         (tmp_path / f"{name}.py").write_text(module_text)
-    p = run({"HAWADA_EXT_MODULE": name}, tmp_path)
+    p = run({"HAWADA_EXT_MODULE": name, **({"EXPORT": "1"} if case == "missing" else {})}, tmp_path)
     check_python_path(p)
     w = warnings_of(p)
     assert len(w) == 1, p.stderr

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 from hawada.core.gates import GateStore
+from hawada.core.slicing import batched_slicing, current_batch
 
 ROUND_MODES = ("nearest", "floor", "ceil")
 
@@ -166,7 +168,23 @@ def slice_tensor(t: torch.Tensor, dim: int, idx: torch.Tensor | None) -> torch.T
 def slice_linear(
     lin: nn.Linear, out_idx: torch.Tensor | None = None, in_idx: torch.Tensor | None = None
 ) -> nn.Linear:
-    """A new ``nn.Linear`` keeping output rows ``out_idx`` and input columns ``in_idx``."""
+    """A new ``nn.Linear`` keeping output rows ``out_idx`` and input columns ``in_idx``.
+
+    Inside :func:`~hawada.core.slicing.batched_slicing` the new weights are filled when the
+    context exits (shapes are final at once)."""
+    batch = current_batch()
+    if batch is not None:
+        o, i = _idx(out_idx, lin.out_features, "slice"), _idx(in_idx, lin.in_features, "slice")
+        n_out = lin.out_features if o is None else o.numel()
+        n_in = lin.in_features if i is None else i.numel()
+        w = lin.weight
+        # skip_init: the values are about to be overwritten, so no random init of big matrices.
+        new = skip_init(nn.Linear, n_in, n_out, bias=lin.bias is not None, device=w.device, dtype=w.dtype)
+        batch.add(new.weight, w, o, i)
+        if lin.bias is not None:
+            batch.add(new.bias, lin.bias, o, None)
+        new.train(lin.training)
+        return new
     w = slice_tensor(slice_tensor(lin.weight, 0, out_idx), 1, in_idx)
     new = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None, device=w.device, dtype=w.dtype)
     with torch.no_grad():
@@ -183,6 +201,30 @@ def slice_conv2d(
     """A new ``nn.Conv2d`` keeping output channels ``out_idx`` and input channels ``in_idx``."""
     if conv.groups != 1:
         raise ExportError(f"slicing grouped convolutions (groups={conv.groups}) is not supported")
+    batch = current_batch()
+    if batch is not None:
+        o = _idx(out_idx, conv.out_channels, "slice")
+        i = _idx(in_idx, conv.in_channels, "slice")
+        w = conv.weight
+        new = skip_init(
+            nn.Conv2d,
+            conv.in_channels if i is None else i.numel(),
+            conv.out_channels if o is None else o.numel(),
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            1,
+            conv.bias is not None,
+            conv.padding_mode,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        batch.add(new.weight, w, o, i)
+        if conv.bias is not None:
+            batch.add(new.bias, conv.bias, o, None)
+        new.train(conv.training)
+        return new
     w = slice_tensor(slice_tensor(conv.weight, 0, out_idx), 1, in_idx)
     new = nn.Conv2d(
         w.shape[1],
@@ -212,6 +254,19 @@ def slice_batchnorm(
     n = bn.num_features if idx is None else int(idx.numel())
     new = type(bn)(n, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
     new = new.to(device=bn.weight.device if bn.affine else bn.running_mean.device)
+    batch = current_batch()
+    if batch is not None:
+        k = _idx(idx, bn.num_features, "slice")
+        if bn.affine:
+            batch.add(new.weight, bn.weight, k, None)
+            batch.add(new.bias, bn.bias, k, None)
+        if bn.track_running_stats:
+            batch.add(new.running_mean, bn.running_mean, k, None)
+            batch.add(new.running_var, bn.running_var, k, None)
+            with torch.no_grad():
+                new.num_batches_tracked.copy_(bn.num_batches_tracked)
+        new.train(bn.training)
+        return new
     with torch.no_grad():
         if bn.affine:
             new.weight.copy_(slice_tensor(bn.weight, 0, idx))
@@ -226,6 +281,16 @@ def slice_batchnorm(
 
 def slice_embedding(emb: nn.Embedding, dim_idx: torch.Tensor | None) -> nn.Embedding:
     """A new ``nn.Embedding`` keeping embedding dimensions ``dim_idx``."""
+    batch = current_batch()
+    if batch is not None:
+        k = _idx(dim_idx, emb.embedding_dim, "slice")
+        w = emb.weight
+        n = emb.embedding_dim if k is None else k.numel()
+        new = skip_init(
+            nn.Embedding, w.shape[0], n, padding_idx=emb.padding_idx, device=w.device, dtype=w.dtype
+        )
+        batch.add(new.weight, w, None, k)
+        return new
     w = slice_tensor(emb.weight, 1, dim_idx)
     new = nn.Embedding(w.shape[0], w.shape[1], padding_idx=emb.padding_idx, device=w.device, dtype=w.dtype)
     with torch.no_grad():
@@ -272,7 +337,9 @@ def export(gated: nn.Module, policy: ExportPolicy | None = None, example_inputs=
                 f"residual stream {seg.name!r} has every channel closed; a model without it "
                 "cannot be exported (keep at least one gate of each stage open)"
             )
-    slim = adapter.export_pruned(gated, keep)
+    # One batched slice_many call fills every sliced weight when the extension is loaded.
+    with batched_slicing():
+        slim = adapter.export_pruned(gated, keep)
     if policy.check:
         check_export(gated, slim, keep, example_inputs, policy.tolerance)
     return slim

@@ -9,12 +9,15 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from hawada import _ext
 
 Inputs = torch.Tensor | Sequence[Any] | Mapping[str, Any]
 
@@ -134,6 +137,8 @@ def measure_latency_ms(
     budget_s: float = 3.0,
     rel_ci: float = 0.02,
     cuda_graph: bool = False,
+    timer: str = "auto",
+    flush_l2: bool = False,
 ) -> LatencyResult:
     """Time one forward of ``model(example_inputs)`` on ``device``.
 
@@ -143,7 +148,17 @@ def measure_latency_ms(
     per call (or per CUDA-graph replay when ``cuda_graph``). Works for models without a
     ``.device`` attribute; inputs are moved to ``device``. Raises when the model's weights
     are on another device than the one asked for.
+
+    ``timer``: ``auto`` uses the compiled extension's loop when it can (CPU: a traced
+    TorchScript program called from C++ with the GIL released, steady clock; CUDA with
+    ``cuda_graph``: graph replays with an event pair each, enqueued from C++) and the Python
+    loop otherwise; ``cpp`` requires the C++ loop (ValueError when it cannot be used);
+    ``python`` never uses it. ``flush_l2`` (CUDA): overwrite a buffer twice the L2 size before
+    each timed call, outside the timed region. ``LatencyResult.timer`` names the timer used:
+    ``perf_counter``, ``cuda_event``, ``cuda_graph``, ``cpp_steady_clock``, ``cpp_cuda_graph``.
     """
+    if timer not in TIMERS:
+        raise ValueError(f"timer must be one of {TIMERS}, got {timer!r}")
     mdev = module_device(model) if isinstance(model, nn.Module) else None
     dev = torch.device(device) if device is not None else (mdev or torch.device("cpu"))
     if dev.type == "cuda" and dev.index is None:
@@ -156,43 +171,17 @@ def measure_latency_ms(
     if isinstance(model, nn.Module):
         model.eval()
     call = make_call(model, inputs)
-    timer = "perf_counter"
-    samples: list[float] = []
+    flush_buf = None
+    if flush_l2 and dev.type == "cuda":
+        l2 = int(getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0) or 0)
+        flush_buf = torch.empty(max(2 * l2, 1 << 20), dtype=torch.uint8, device=dev)
+    stop = (warmup, min_repeats, max_repeats, budget_s, rel_ci)
     try:
-        with torch.inference_mode():
-            for _ in range(max(warmup, 1 if cuda_graph else 0)):
-                call()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-                if cuda_graph:
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        call()
-                    call = graph.replay
-                    timer = "cuda_graph"
-                else:
-                    timer = "cuda_event"
-            t_start = time.perf_counter()
-            while len(samples) < max_repeats:
-                if dev.type == "cuda":
-                    a = torch.cuda.Event(enable_timing=True)
-                    b = torch.cuda.Event(enable_timing=True)
-                    a.record()
-                    call()
-                    b.record()
-                    b.synchronize()
-                    samples.append(a.elapsed_time(b))
-                else:
-                    t0 = time.perf_counter()
-                    call()
-                    samples.append((time.perf_counter() - t0) * 1e3)
-                n = len(samples)
-                if n >= min_repeats:
-                    st = summarize_samples(samples)
-                    if st["ci95_ms"] <= rel_ci * st["median_ms"]:
-                        break
-                    if time.perf_counter() - t_start > budget_s:
-                        break
+        samples, used = [], ""
+        if timer != "python":
+            samples, used = _cpp_samples(model, inputs, dev, timer == "cpp", cuda_graph, flush_buf, stop)
+        if not samples:
+            samples, used = _python_samples(call, dev, cuda_graph, flush_buf, stop)
     finally:
         if was_training:
             model.train()
@@ -204,10 +193,211 @@ def measure_latency_ms(
         dtype=dtype,
         shapes=shapes,
         warmup=warmup,
-        timer=timer,
+        timer=used,
         threads=torch.get_num_threads(),
         samples_ms=samples,
     )
+
+
+TIMERS = ("auto", "cpp", "python")
+
+
+def _python_samples(
+    call: Callable[[], Any],
+    dev: torch.device,
+    cuda_graph: bool,
+    flush_buf: torch.Tensor | None,
+    stop: tuple[int, int, int, float, float],
+) -> tuple[list[float], str]:
+    """The Python timing loop: ``(samples in ms, timer name)``."""
+    warmup, min_repeats, max_repeats, budget_s, rel_ci = stop
+    timer = "perf_counter"
+    samples: list[float] = []
+    with torch.inference_mode():
+        for _ in range(max(warmup, 1 if cuda_graph else 0)):
+            call()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            if cuda_graph:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    call()
+                call = graph.replay
+                timer = "cuda_graph"
+            else:
+                timer = "cuda_event"
+        t_start = time.perf_counter()
+        while len(samples) < max_repeats:
+            if dev.type == "cuda":
+                if flush_buf is not None:
+                    flush_buf.zero_()
+                a = torch.cuda.Event(enable_timing=True)
+                b = torch.cuda.Event(enable_timing=True)
+                a.record()
+                call()
+                b.record()
+                b.synchronize()
+                samples.append(a.elapsed_time(b))
+            else:
+                t0 = time.perf_counter()
+                call()
+                samples.append((time.perf_counter() - t0) * 1e3)
+            n = len(samples)
+            if n >= min_repeats:
+                st = summarize_samples(samples)
+                if st["ci95_ms"] <= rel_ci * st["median_ms"]:
+                    break
+                if time.perf_counter() - t_start > budget_s:
+                    break
+    return samples, timer
+
+
+def _cpp_samples(
+    model: Any,
+    inputs: Any,
+    dev: torch.device,
+    required: bool,
+    cuda_graph: bool,
+    flush_buf: torch.Tensor | None,
+    stop: tuple[int, int, int, float, float],
+) -> tuple[list[float], str]:
+    """The extension's timing loops: ``(samples in ms, timer name)``, or ``([], "")`` when they
+    cannot be used (with ``required``: ValueError naming why)."""
+    if dev.type == "cpu":
+        prog = _cpp_cpu_program(model, inputs, required)
+        if prog is None:
+            return [], ""
+        script, args = prog
+        ext = _ext.load()
+        return _adaptive(lambda n, w: ext.time_script_cpu(script, args, n, w), *stop), "cpp_steady_clock"
+    if not (dev.type == "cuda" and cuda_graph and _ext.has_cuda()):
+        if required:
+            raise ValueError(
+                f"timer='cpp' on {dev.type} needs a CPU device, or CUDA with cuda_graph=True and hawada._C "
+                f"built with CUDA (extension loaded: {_ext.available()}, with CUDA: {_ext.has_cuda()})"
+            )
+        return [], ""
+    ext = _ext.load()
+    call = make_call(model, inputs)
+    warmup, *rest = stop
+    with torch.inference_mode():
+        for _ in range(max(warmup, 1)):
+            call()
+        torch.cuda.synchronize(dev)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            call()
+        nbytes = 0 if flush_buf is None else flush_buf.numel()
+        samples = _adaptive(lambda n, w: ext.time_cuda_graph(graph, n, nbytes), 0, *rest)
+    return samples, "cpp_cuda_graph"
+
+
+def _adaptive(
+    run: Callable[[int, int], list[float]],
+    warmup: int,
+    min_repeats: int,
+    max_repeats: int,
+    budget_s: float,
+    rel_ci: float,
+) -> list[float]:
+    """Samples from ``run(n, warmup) -> n samples (ms)`` in chunks, with the stopping rule of the
+    Python loop (CI of the median within ``rel_ci`` of it, ``max_repeats`` or ``budget_s``);
+    chunks keep Python out of the timed region and stay short enough to honour the budget."""
+    t_start = time.perf_counter()
+    samples = list(run(max(1, min(min_repeats, max_repeats)), warmup))
+    while len(samples) < max_repeats:
+        st = summarize_samples(samples)
+        if st["ci95_ms"] <= rel_ci * st["median_ms"]:
+            break
+        left_s = budget_s - (time.perf_counter() - t_start)
+        if left_s <= 0:
+            break
+        per_ms = max(st["median_ms"], 1e-6)
+        chunk = int(min(max_repeats - len(samples), max(len(samples) // 2, 1), left_s * 1e3 / per_ms))
+        samples.extend(run(max(chunk, 1), 0))
+    return samples
+
+
+def _cpp_cpu_program(model: Any, inputs: Any, required: bool) -> tuple[Any, list[torch.Tensor]] | None:
+    """``(TorchScript module, positional tensor inputs)`` for the C++ CPU loop, or None (with
+    ``required``: ValueError) when the extension is missing or the call cannot be traced."""
+
+    def fail(why: str) -> None:
+        if required:
+            raise ValueError(f"timer='cpp' cannot be used: {why}")
+        return None
+
+    mod = _ext.load()
+    if mod is None:
+        return fail("the extension hawada._C is not loaded")
+    if isinstance(inputs, Mapping):
+        keys, args = list(inputs), list(inputs.values())
+    elif isinstance(inputs, list | tuple):
+        keys, args = None, list(inputs)
+    else:
+        keys, args = None, [inputs]
+    if not args or not all(isinstance(a, torch.Tensor) for a in args):
+        return fail("inputs must be tensors (a tensor, a tuple/list or a dict of tensors)")
+    if isinstance(model, torch.jit.ScriptModule) and keys is None:
+        return model, args
+    if not isinstance(model, nn.Module):
+        return fail(f"{type(model).__name__} is not an nn.Module")
+    target = _KwargsCall(model, keys) if keys is not None else model
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # deprecation and tracer warnings: timing only needs the ops
+            script = torch.jit.trace(target, tuple(args), check_trace=False, strict=False)
+        # The program must compute what the eager call computes (a call that keeps Python state,
+        # e.g. a growing KV cache, or that branches on data, does not): otherwise the Python loop.
+        with torch.no_grad():
+            same = _same_outputs(script(*args), target(*args))
+    except Exception as e:  # untraceable models are timed by the Python loop
+        return fail(f"tracing failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    if not same:
+        return fail("the traced program's outputs differ from the eager call's")
+    return script, args
+
+
+def _flat_tensors(x: Any) -> list | None:
+    """Tensors of a nested output (tensor, list/tuple, dict); None for anything else."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    items = x.values() if isinstance(x, Mapping) else x if isinstance(x, list | tuple) else None
+    if items is None:
+        return None if x is not None else []
+    out: list = []
+    for v in items:
+        f = _flat_tensors(v)
+        if f is None:
+            return None
+        out += f
+    return out
+
+
+def _same_outputs(a: Any, b: Any) -> bool:
+    fa, fb = _flat_tensors(a), _flat_tensors(b)
+    if fa is None or fb is None or len(fa) != len(fb):
+        return False
+    for x, y in zip(fa, fb):
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return False
+        if x.is_floating_point() or x.is_complex():
+            if not torch.allclose(x, y, rtol=1e-4, atol=1e-5, equal_nan=True):
+                return False
+        elif not torch.equal(x, y):
+            return False
+    return True
+
+
+class _KwargsCall(nn.Module):
+    """``forward(*values)`` calls ``model(**dict(zip(keys, values)))`` so that a kwargs model traces."""
+
+    def __init__(self, model: nn.Module, keys: list[str]) -> None:
+        super().__init__()
+        self.model, self.keys = model, keys
+
+    def forward(self, *values: torch.Tensor) -> Any:
+        return self.model(**dict(zip(self.keys, values)))
 
 
 Meter = Callable[[nn.Module], LatencyResult]
