@@ -407,7 +407,9 @@ def combined_penalty(store: GateStore, weights: PenaltyWeights) -> torch.Tensor:
         from hawada.ops import gate_penalties
 
         cfg = store.config
-        return gate_penalties(store.logits, _table(store), store.seg_cost, store.tau, weights, cfg.mode, cfg.stretch).total
+        return gate_penalties(
+            store.logits, _table(store), store.seg_cost, store.tau, weights, cfg.mode, cfg.stretch
+        ).total
     p = store.probs()
     total = p.new_zeros(())
     if weights.l0:
