@@ -42,6 +42,13 @@ def run(backend, x, w, b, m, dy, side, group):
     return y.detach(), grads
 
 
+def eager(x, w, b, m, dy, side, group):
+    """The same-dtype eager composition (F.linear, mul, autograd's reductions)."""
+    leaves = [v.detach().clone().requires_grad_() if v is not None else None for v in (x, w, b, m)]
+    y = gated_linear_ref(*leaves, side, group)
+    return y.detach(), torch.autograd.grad(y, [v for v in leaves if v is not None], dy)
+
+
 def ref64(x, w, b, m, dy, side, group):
     """fp64 reference output and gradients (autograd through the reference)."""
     leaves = [v.detach().double().requires_grad_() if v is not None else None for v in (x, w, b)]
@@ -83,7 +90,7 @@ def test_triton_low_precision_within_twice_torch_error(dtype, side):
     # on CPU the interpreter upcasts the tiles (its bf16/fp16 dot is wrong); accumulation is fp32
     x, w, b, m, dy = make(33, 255, 129, side, 16, dtype=dtype)
     y, g = run("triton", x, w, b, m, dy, side, 16)
-    yt, gt = run("torch", x, w, b, m, dy, side, 16)
+    yt, gt = eager(x, w, b, m, dy, side, 16)
     y64, g64 = ref64(x, w, b, m, dy, side, 16)
     assert y.dtype == dtype and g[0].dtype == dtype and g[-1].dtype == torch.float32
     tiny = 1e-6
@@ -145,6 +152,24 @@ def test_torch_compile_fullgraph_traces_through_the_op():
         assert rel(a, r) <= 1e-6
 
 
+@pytest.mark.slow
+def test_torch_compile_inductor_fullgraph_on_cpu():
+    """The same with Inductor's C++ code generation (about 50 s on a busy 2-core CPU, hence slow)."""
+    x, w, b, m, dy = make(8, 32, 24, "out", 8)
+
+    def f(x, w, b, m):
+        return gated_linear(torch.relu(x), w, b, torch.sigmoid(m), "out", 8).sum()
+
+    leaves = [v.clone().requires_grad_() for v in (x, w, b, m)]
+    with use_backend("torch"):
+        out = torch.compile(f, fullgraph=True)(*leaves)
+        g = torch.autograd.grad(out, leaves)
+    ref = [v.clone().requires_grad_() for v in (x, w, b, m)]
+    g_ref = torch.autograd.grad(f(*ref), ref)
+    for a, r in zip(g, g_ref):
+        assert rel(a, r) <= 1e-5
+
+
 # ---------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -159,7 +184,7 @@ def test_gpu_matches_reference_97x1023x257(dtype, side, group):
         for a, r in zip(g, gr):
             assert rel(a, r) <= 1e-5
         return
-    yt, gt = run("torch", x, w, b, m, dy, side, group)
+    yt, gt = eager(x, w, b, m, dy, side, group)
     y64, g64 = ref64(x, w, b, m, dy, side, group)
     assert rel_l2(y, y64) <= 2 * rel_l2(yt, y64) + 1e-6
     for a, t, r in zip(g, gt, g64):
@@ -176,3 +201,36 @@ def test_gpu_compile_inductor_with_triton_backend():
     with use_backend("triton"):
         y = torch.compile(f, fullgraph=True)(x, w, b, m)
     assert rel(y, gated_linear_ref(x, w, b, m, "in", 16)) <= 1e-5
+
+
+def test_gated_linear_module_routes_through_the_op_on_both_backends():
+    """core.hooks.GatedLinear (the adapters' gated linears) trains through the op: the gate
+    gradient reaches the store's flat logits and both backends agree."""
+    from torch import nn
+
+    from hawada.core.gates import GateConfig, GateStore
+    from hawada.core.hooks import gate_linear
+
+    store = GateStore(GateConfig(init_logit=0.5))
+    store.register("fc.out", "ffn", 40, 16)
+    lin = nn.Linear(24, 40)
+    gate_linear(lin, store, "fc.out", "out")
+    x, noise = torch.randn(5, 24), torch.rand(len(store))
+    res = {}
+    for backend in ("torch", "triton"):
+        with use_backend(backend):
+            store.train()
+            store._mask = store.sample(noise)  # the same gates for both backends
+            y = lin(x)
+            (g,) = torch.autograd.grad(y.square().sum(), store.logits)
+        res[backend] = (y.detach(), g)
+    assert g.abs().max() > 0
+    for a, r in zip(res["triton"], res["torch"]):
+        assert rel(a, r) <= 1e-5
+
+
+def test_empty_batch_on_the_triton_backend():
+    x, w, b, m, _ = make(4, 32, 16, "in", 16)
+    with use_backend("triton"):
+        y = gated_linear(x[:0], w, b, m, "in", 16)
+    assert y.shape == (0, 16)

@@ -75,25 +75,26 @@ def gated_linear_backward_ref(
     """Torch reference of the backward: ``(dx, dW, db, dmask)`` for 2-D ``dy [T, N]``, ``x [T, K]``."""
     n, k = weight.shape
     dt = x.dtype
+    acc = torch.promote_types(dt, torch.float32)  # reductions: at least fp32
     if side == "out":
         m = expand_group_mask(mask, group_size, n).to(dt)
         dym = dy * m
         dx = dym @ weight
         g = dy.t() @ x  # unmasked weight gradient
         dw = g * m[:, None]
-        s = dy.float().sum(0)
-        db = None if bias is None else (s * m.float()).to(bias.dtype)
-        dm = (weight.float() * g.float()).sum(1)
+        s = dy.to(acc).sum(0)
+        db = None if bias is None else (s * m.to(acc)).to(bias.dtype)
+        dm = (weight.to(acc) * g.to(acc)).sum(1)
         if bias is not None:
-            dm = dm + bias.float() * s
+            dm = dm + bias.to(acc) * s
     else:
         m = expand_group_mask(mask, group_size, k).to(dt)
         dxu = dy @ weight
         dx = dxu * m
         g = dy.t() @ x
         dw = g * m[None, :]
-        db = None if bias is None else dy.float().sum(0).to(bias.dtype)
-        dm = (weight.float() * g.float()).sum(0)
+        db = None if bias is None else dy.to(acc).sum(0).to(bias.dtype)
+        dm = (weight.to(acc) * g.to(acc)).sum(0)
     return dx, dw, db, _group_sum(dm, group_size, mask.numel()).to(mask.dtype)
 
 
@@ -209,7 +210,8 @@ def _gated_linear_op(
     group_size: int,
 ) -> torch.Tensor:
     tensors = (x, weight, mask) + ((bias,) if bias is not None else ())
-    if resolve_backend(*tensors) == "torch":
+    # empty problems have no grid to launch: the reference handles them
+    if resolve_backend(*tensors) == "torch" or x.numel() == 0 or weight.numel() == 0:
         return gated_linear_ref(x, weight, bias, mask, side, group_size)
     y = _fwd_triton(_flat(x), weight, bias, mask, side, group_size)
     return y.view(*x.shape[:-1], weight.shape[0])
@@ -234,7 +236,7 @@ def _gated_linear_bwd_op(
     """``[dx, dW, db, dmask]``; an entry not asked for in ``needs`` is an empty tensor."""
     dy2, x2 = _flat(dy), _flat(x)
     tensors = (dy, x, weight, mask) + ((bias,) if bias is not None else ())
-    if resolve_backend(*tensors) == "torch":
+    if resolve_backend(*tensors) == "torch" or x.numel() == 0 or weight.numel() == 0:
         dx, dw, db, dm = gated_linear_backward_ref(dy2, x2, weight, bias, mask, side, group_size)
     else:
         dx, dw, db, dm = _bwd_triton(dy2, x2, weight, bias, mask, side, group_size, *needs)
