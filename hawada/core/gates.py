@@ -223,6 +223,10 @@ class GateStore(nn.Module):
 
     def probs(self) -> torch.Tensor:
         """``[N]`` probability each gate is non-zero under the training distribution."""
+        if _fused(self.logits, self.tau):
+            from hawada.ops import gate_probs
+
+            return gate_probs(self.logits, self.tau, self.config.mode, self.config.stretch)
         if self.config.mode == "hard_concrete":
             return torch.sigmoid(self.logits - self.tau * self._log_ratio())
         return torch.sigmoid(self.logits / self.tau)
@@ -237,6 +241,10 @@ class GateStore(nn.Module):
         ``noise``: optional ``[N]`` uniform(0, 1) draws, for reproducible tests.
         """
         lg, tau, mode = self.logits, self.tau, self.config.mode
+        if _fused(lg, tau):
+            from hawada.ops import gate_sample
+
+            return gate_sample(lg, noise, tau, mode, self.config.stretch)
         if mode == "sigmoid":
             return torch.sigmoid(lg / tau)
         if noise is None:
@@ -293,6 +301,13 @@ class GateStore(nn.Module):
 
     def expected_units(self, probs: torch.Tensor | None = None) -> torch.Tensor:
         """``[S]`` expected kept units per segment (differentiable)."""
+        if probs is None and self.num_segments and _fused(self.logits, self.tau):
+            from hawada.ops import gate_penalties
+
+            return gate_penalties(
+                self.logits, _table(self), self.seg_cost, self.tau, PenaltyWeights(), self.config.mode,
+                self.config.stretch,
+            ).expected_units  # fmt: skip
         p = self.probs() if probs is None else probs
         return self.segment_sum(p * self.gate_size)
 
@@ -324,6 +339,19 @@ class GateStore(nn.Module):
             }
             for s, o, e in zip(self.segments, open_u, exp_u)
         ]
+
+
+def _fused(*tensors: torch.Tensor) -> bool:
+    """True when the selected ops backend (``HAWADA_BACKEND``) runs the fused kernels here."""
+    from hawada.ops import resolve_backend
+
+    return resolve_backend(*tensors) == "triton"
+
+
+def _table(store: GateStore):
+    from hawada.ops import SegmentTable
+
+    return SegmentTable(store.seg_id, store.gate_size, store.seg_start, store.seg_units, store.seg_min_keep)
 
 
 def expand_to_units(gate_values: torch.Tensor, seg: Segment) -> torch.Tensor:
@@ -375,6 +403,13 @@ def bimodality_penalty(store: GateStore, probs: torch.Tensor | None = None) -> t
 
 def combined_penalty(store: GateStore, weights: PenaltyWeights) -> torch.Tensor:
     """Scalar: weighted sum of the penalties, all from one ``probs()`` evaluation."""
+    if store.num_segments and _fused(store.logits, store.tau):
+        from hawada.ops import gate_penalties
+
+        cfg = store.config
+        return gate_penalties(
+            store.logits, _table(store), store.seg_cost, store.tau, weights, cfg.mode, cfg.stretch
+        ).total
     p = store.probs()
     total = p.new_zeros(())
     if weights.l0:
@@ -397,6 +432,11 @@ def project_gates_into_constraints(store: GateStore, margin: float = 0.05) -> No
     if lg.numel() == 0:
         return
     clip = store.config.logit_clip
+    if _fused(lg, store.seg_start):
+        from hawada.ops import project_gates
+
+        project_gates(lg, _table(store), store.seg_min_keep, clip, margin)
+        return
     lg.clamp_(-clip, clip)
     order = torch.sort(lg, descending=True, stable=True).indices
     order = order[torch.sort(store.seg_id[order], stable=True).indices]
