@@ -11,10 +11,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# Tests build many convolutions of odd, one-off widths; oneDNN prepares a kernel per new shape,
-# which costs far more than the tiny convolutions themselves. The native path is exact too.
-torch.backends.mkldnn.enabled = False
-
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
