@@ -33,7 +33,7 @@ ext: $(EXT_STAMP)
 # HAWADA_EXT=require: a build that does not load fails the extension's tests instead of skipping them.
 test: $(STAMP) $(EXT_STAMP)
 	$(BIN)/ruff check hawada tests benchmarks
-	HF_HUB_OFFLINE=1 HAWADA_EXT=require $(BIN)/python -m pytest -q tests
+	HF_HUB_OFFLINE=1 HAWADA_EXT=require $(BIN)/python -m pytest -q --durations=15 tests
 
 # Compile (and link) the CUDA build for sm_$(CUDA_ARCH) without running it: no GPU needed.
 cuda-compile: $(STAMP)

@@ -130,8 +130,7 @@ def test_a_broken_export_is_refused(base, monkeypatch):
 
     def wrong(gated, keep):
         slim = real(gated, keep)
-        with torch.no_grad():
-            slim.fc.bias.add_(1.0)
+        slim.fc = nn.Linear(slim.fc.in_features, slim.fc.out_features)  # not the trained head
         return slim
 
     monkeypatch.setattr(adapter, "export_pruned", wrong)
