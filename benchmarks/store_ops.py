@@ -9,6 +9,8 @@ parameter per module and does the same math module by module.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from common import interleaved, write_result
 
@@ -86,6 +88,8 @@ class LoopModel:
 
 
 def main() -> None:
+    threads = int(sys.argv[1]) if len(sys.argv) > 1 else torch.get_num_threads()
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     st, proxy = build_store()
     loop = LoopModel(st)
@@ -99,8 +103,9 @@ def main() -> None:
     res = interleaved({"vectorised_store": vectorised, "per_module_loop": loop.step}, rounds=5, repeats=20)
     ratio = res["per_module_loop"]["median_ms"] / res["vectorised_store"]["median_ms"]
     write_result(
-        "store_ops",
+        f"store_ops_{threads}t",
         {
+            "threads": threads,
             "layout": f"{LAYERS} layers x ({HEADS} heads + {FFN_GROUPS} FFN groups)",
             "gates": len(st),
             "segments": st.num_segments,

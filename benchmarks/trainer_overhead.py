@@ -8,6 +8,7 @@ projection, both optimizers). Timed interleaved in one run; the ratio of medians
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
 import torchvision
@@ -22,6 +23,8 @@ from hawada.core.train import LagrangeTrainer, TrainConfig
 
 
 def main() -> None:
+    threads = int(sys.argv[1]) if len(sys.argv) > 1 else torch.get_num_threads()
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     teacher = torchvision.models.resnet18(num_classes=10).eval()
     x = torch.randn(64, 3, 32, 32)
@@ -53,8 +56,9 @@ def main() -> None:
     res = interleaved({"plain_kd_step": plain_step, "gated_step": gated_step}, rounds=6, repeats=5, warmup=3)
     ratio = res["gated_step"]["median_ms"] / res["plain_kd_step"]["median_ms"]
     write_result(
-        "trainer_overhead",
+        f"trainer_overhead_{threads}t",
         {
+            "threads": threads,
             "model": "resnet18",
             "batch": [64, 3, 32, 32],
             "gates": len(store),
