@@ -165,7 +165,9 @@ class OutputSection:
     dir: str = _f("runs/run")
     overwrite: bool = _f(False)
     plot: bool = _f(True)
-    keep_state: bool = _f(False, help="keep state/ (recipe, measurements, last gate checkpoint) in the output")
+    keep_state: bool = _f(
+        False, help="keep state/ (recipe, measurements, last gate checkpoint) in the output"
+    )
 
 
 @dataclass

@@ -111,4 +111,5 @@ def test_cli_stops_with_exit_2_one_line_and_a_checkpoint(tmp_path, monkeypatch, 
     assert state["step"] == 3 and state["bad_in_row"] == 3 and path in err
     recs = [json.loads(x) for x in (tmp_path / "run.partial" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in recs] == [True] * 3 and recs[0]["kd"] is None  # NaN written as null
+    assert any(k.startswith("kept_") for k in recs[0])  # kept fraction per segment kind
     assert os.path.isfile(tmp_path / "run.partial" / "state" / "recipe.json")

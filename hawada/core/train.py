@@ -182,6 +182,10 @@ class LagrangeTrainer:
         self.epoch, self.batch_pos = 0, 0
         self.bad_total, self.bad_in_row = 0, 0
         self._pending_rng: tuple[dict, dict] | None = None
+        kinds: dict[str, list[int]] = {}
+        for i, seg in enumerate(self.store.segments):
+            kinds.setdefault(seg.kind, []).append(i)
+        self._kind_index = {k: torch.tensor(v, device=self.device) for k, v in kinds.items()}
         for p in teacher.parameters():
             p.requires_grad_(False)
         teacher.eval()
@@ -288,6 +292,7 @@ class LagrangeTrainer:
             self.bad_total += 1
             self.bad_in_row += 1
         self.step_idx += 1
+        opened = self.store.open_units()  # [S]
         rec = {
             "step": self.step_idx,
             "kd": float(kd.detach()),
@@ -295,9 +300,11 @@ class LagrangeTrainer:
             "lambda": float(self.lam),
             "proxy_ms": float(proxy_ms.detach()),
             "target_ms": target,
-            "kept": float(self.store.open_units().sum() / self.store.seg_units.sum()),
+            "kept": float(opened.sum() / self.store.seg_units.sum()),
             "tau": float(self.store.tau),
         }
+        for kind, idx in self._kind_index.items():  # kept fraction per segment kind
+            rec[f"kept_{kind}"] = float(opened[idx].sum() / self.store.seg_units[idx].sum())
         if not ok:
             rec["skipped"] = True
         if self.probe is not None and cfg.probe_every > 0 and self.step_idx % cfg.probe_every == 0:
