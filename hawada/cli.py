@@ -37,8 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hawada", description="Hardware-aware pruning with distillation.")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     o = sub.add_parser("optimize", help="attach -> train -> search -> export -> fine-tune -> report")
-    o.add_argument("recipe")
+    o.add_argument("recipe", nargs="?", default=None)
     o.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    o.add_argument(
+        "--resume", metavar="RUN_DIR", default=None, help="continue the unfinished run with this output.dir"
+    )
     pr = sub.add_parser("profile", help="measure keep-all latency, or the proxy's fidelity")
     pr.add_argument("recipe")
     pr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -58,11 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_optimize(args: argparse.Namespace) -> int:
-    from hawada.pipeline import optimize
+    from hawada.pipeline import optimize, resume_recipe
     from hawada.report import format_report
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    report = optimize(recipe, log=lambda s: print(s, flush=True))
+    if args.resume is not None:
+        if args.recipe is not None or args.overrides:
+            raise RecipeError("--resume takes no recipe and no --set: the run continues with its own recipe")
+        recipe = resume_recipe(args.resume)
+    elif args.recipe is None:
+        raise RecipeError("optimize needs a recipe file (or --resume RUN_DIR)")
+    else:
+        recipe = load_recipe(args.recipe, args.overrides)
+    report = optimize(recipe, log=lambda s: print(s, flush=True), resume=args.resume is not None)
     print(format_report(report))
     print(f"report: {os.path.join(report['output_dir'], 'report.json')}")
     return 0
@@ -117,10 +127,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hawada.pipeline import RunInterrupted
+
     args = build_parser().parse_args(argv)
     cmds = {"optimize": _cmd_optimize, "profile": _cmd_profile, "export": _cmd_export, "eval": _cmd_eval}
     try:
         return cmds[args.cmd](args)
+    except RunInterrupted as e:
+        sys.stderr.write(f"hawada: {e}\n")
+        return 128 + e.signum
     except USER_ERRORS as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         sys.stderr.write(f"hawada: error: {msg}\n")

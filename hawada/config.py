@@ -104,6 +104,12 @@ class TrainSection:
     alternating: bool = _f(False)
     amp: Literal["off", "bf16", "fp16"] = _f("off")
     grad_clip: float = _f(1.0, lo=0.0)
+    checkpoint_every: int = _f(
+        100, lo=0, help="write a resumable checkpoint every N gate steps; 0: only at a stop"
+    )
+    max_bad_steps: int = _f(
+        5, lo=1, help="stop (with a checkpoint) after this many non-finite steps in a row"
+    )
 
 
 @dataclass
@@ -159,6 +165,9 @@ class OutputSection:
     dir: str = _f("runs/run")
     overwrite: bool = _f(False)
     plot: bool = _f(True)
+    keep_state: bool = _f(
+        False, help="keep state/ (recipe, measurements, last gate checkpoint) in the output"
+    )
 
 
 @dataclass
@@ -168,6 +177,7 @@ class Recipe:
     device: str = _f("cpu")
     threads: int = _f(0, lo=0, help="torch CPU threads; 0 keeps torch's default")
     progress: bool = _f(True)
+    deterministic: bool = _f(False, help="torch.use_deterministic_algorithms(True) for the run")
     model: ModelSection = _f(factory=ModelSection)
     data: DataSection = _f(factory=DataSection)
     teacher: TeacherSection = _f(factory=TeacherSection)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,8 +20,9 @@ import torch
 from torch import nn
 
 from hawada.adapters.base import Adapter, get_adapter
-from hawada.config import Recipe
+from hawada.config import Recipe, recipe_from_dict
 from hawada.core.calibrate import calibration_logits, measure_subarchs
+from hawada.core.checkpoint import atomic_write_bytes, has_checkpoint, load_checkpoint, save_checkpoint
 from hawada.core.distill import KDConfig
 from hawada.core.export import ExportPolicy, export, param_count, store_of
 from hawada.core.finetune import FinetuneConfig, finetune_student
@@ -25,7 +30,9 @@ from hawada.core.gates import GateConfig, PenaltyWeights
 from hawada.core.profiler import LatencyResult, Meter, environment_info, latency_meter, summarize_samples
 from hawada.core.proxy_cost import LatencyProxy
 from hawada.core.search_export import grid_search_latency
-from hawada.core.train import LagrangeTrainer, TrainConfig, make_latency_probe
+from hawada.core.train import LagrangeTrainer, StopRequested, TrainConfig, make_latency_probe
+
+PARTIAL = ".partial"  # the run folder while a run is unfinished: <output.dir>.partial
 
 
 class TargetError(ValueError):
@@ -34,6 +41,98 @@ class TargetError(ValueError):
 
 class OutputError(ValueError):
     """An output folder that would be overwritten without being asked."""
+
+
+class RunInterrupted(Exception):
+    """SIGINT/SIGTERM during gate training: the step finished, a checkpoint was written."""
+
+    def __init__(self, signum: int, step: int, run_dir: str) -> None:
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"{name} received: stopped after gate step {step}, checkpoint written; "
+            f"continue with: hawada optimize --resume {run_dir}"
+        )
+        self.signum = signum
+
+
+@dataclass
+class RunPaths:
+    """Where an unfinished run keeps its state (see README: "Interrupted runs")."""
+
+    out: str  # output.dir: appears only when the run is complete
+    partial: str  # <out>.partial: outputs being written + state/
+    state: str  # recipe.json, setup/ (measurements, teacher), checkpoints/
+
+    @classmethod
+    def of(cls, out_dir: str) -> RunPaths:
+        out = out_dir.rstrip("/") or out_dir
+        partial = out + PARTIAL
+        return cls(out, partial, os.path.join(partial, "state"))
+
+    @property
+    def setup(self) -> str:
+        return os.path.join(self.state, "setup")
+
+    @property
+    def checkpoints(self) -> str:
+        return os.path.join(self.state, "checkpoints")
+
+
+def resume_recipe(run_dir: str) -> Recipe:
+    """The recipe of the unfinished run ``run_dir`` (its output.dir or its ``.partial`` folder)."""
+    d = run_dir.rstrip("/") or run_dir
+    out = d[: -len(PARTIAL)] if d.endswith(PARTIAL) else d
+    paths = RunPaths.of(out)
+    if not os.path.isdir(paths.partial):
+        if os.path.isfile(os.path.join(out, "report.json")):
+            raise OutputError(f"run {out} is already complete: nothing to resume")
+        raise FileNotFoundError(f"no unfinished run at {out} (looked for {paths.partial})")
+    rpath = os.path.join(paths.state, "recipe.json")
+    try:
+        with open(rpath) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{paths.partial} has no state/recipe.json: not a resumable run") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"run recipe {rpath} is corrupted ({type(e).__name__})") from None
+    recipe = recipe_from_dict(data)
+    recipe.output.dir = out  # the run folder may have been moved
+    return recipe
+
+
+class MetricsLog:
+    """Metrics as JSON lines, flushed per record (``tail -f`` works); TensorBoard when installed."""
+
+    def __init__(self, path: str, history: list[dict], tb_dir: str | None = None) -> None:
+        # a resumed run rewrites the file from the checkpoint's history: no records past it
+        atomic_write_bytes(path, "".join(self._line({"phase": "gates", **r}) for r in history).encode())
+        self.f = open(path, "a")  # noqa: SIM115 - stays open for the whole run, closed by close()
+        self.tb = None
+        if tb_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(tb_dir)
+            except ImportError:  # optional
+                self.tb = None
+
+    @staticmethod
+    def _line(rec: dict) -> str:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
+        return json.dumps(clean) + "\n"
+
+    def write(self, phase: str, rec: dict) -> None:
+        self.f.write(self._line({"phase": phase, **rec}))
+        self.f.flush()
+        if self.tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, int | float) and not isinstance(v, bool) and k != "step":
+                    self.tb.add_scalar(f"{phase}/{k}", v, rec.get("step", 0))
+
+    def close(self) -> None:
+        self.f.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 @dataclass
@@ -170,14 +269,84 @@ def measure_pair(
     return pooled(runs["a"]), pooled(runs["b"])
 
 
-def optimize(recipe: Recipe, log: Callable[[str], None] = print) -> dict:
+def optimize(recipe: Recipe, log: Callable[[str], None] = print, resume: bool = False) -> dict:
     """Run the whole job of a validated recipe; returns the report (also written as JSON).
 
-    Outputs are written into a temporary sibling folder and moved to ``output.dir`` only
-    when complete: a failed run leaves nothing half-written.
+    Everything is written into ``<output.dir>.partial`` and renamed to ``output.dir`` only
+    when complete. Gate training checkpoints into ``<output.dir>.partial/state``;
+    ``resume=True`` continues from there (the measurements and teacher of the first start
+    are reused, gate training continues exactly, later phases re-run). A run that fails
+    before its first checkpoint leaves nothing behind.
     """
+    paths = RunPaths.of(recipe.output.dir)
+    check_output_dir(recipe)
+    if resume:
+        if not os.path.isdir(paths.state):
+            raise FileNotFoundError(f"no unfinished run at {paths.out} (looked for {paths.state})")
+    else:
+        if os.path.exists(paths.partial):
+            if not recipe.output.overwrite:
+                raise OutputError(
+                    f"{paths.partial} holds an unfinished run: continue it with "
+                    f"`hawada optimize --resume {paths.out}` or set output.overwrite=true to start over"
+                )
+            shutil.rmtree(paths.partial)
+        os.makedirs(paths.state)
+        atomic_write_bytes(os.path.join(paths.state, "recipe.json"), json.dumps(recipe.to_dict()).encode())
+    was_det = torch.are_deterministic_algorithms_enabled()
+    if recipe.deterministic:
+        torch.use_deterministic_algorithms(True)
+    try:
+        return _optimize(recipe, paths, log, resume)
+    except BaseException:
+        if not resume and not has_checkpoint(paths.checkpoints):
+            shutil.rmtree(paths.partial, ignore_errors=True)
+        raise
+    finally:
+        torch.use_deterministic_algorithms(was_det)
+
+
+def _setup_tensors(teacher: nn.Module | None, proxy: LatencyProxy, calib: list) -> dict[str, torch.Tensor]:
+    t = {f"proxy.{k}": v for k, v in proxy.state_dict().items()}
+    if teacher is not None:
+        t.update({f"teacher.{k}": v for k, v in teacher.state_dict().items()})
+    for i, (w, _) in enumerate(calib):
+        t[f"calib.{i}"] = torch.as_tensor(w)
+    return t
+
+
+class _SignalFlag:
+    """SIGINT/SIGTERM set a flag (the current step finishes) instead of killing the step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.old: dict = {}
+
+    def __enter__(self) -> _SignalFlag:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+def _optimize(recipe: Recipe, paths: RunPaths, log: Callable[[str], None], resume: bool) -> dict:
     t_start = time.perf_counter()
-    out_dir = check_output_dir(recipe)
+    out_dir = paths.out
+    have_setup = resume and has_checkpoint(paths.setup)
+    setup_t: dict[str, torch.Tensor] = {}
+    setup: dict = {}
+    recipe_dict = recipe.to_dict()
+    if have_setup:
+        setup_t, setup, _ = load_checkpoint(paths.setup)
+        if any(k.startswith("teacher.") for k in setup_t):  # trained in the first start: reuse it
+            recipe = dataclasses.replace(recipe, teacher=dataclasses.replace(recipe.teacher, epochs=0))
     device = torch.device(recipe.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: cuda was asked for but no CUDA device is available")
@@ -191,43 +360,73 @@ def optimize(recipe: Recipe, log: Callable[[str], None] = print) -> dict:
     lat_in = job.latency_inputs
     dev = str(device)
     meter = make_meter(recipe, job)
+    if have_setup and any(k.startswith("teacher.") for k in setup_t):
+        teacher.load_state_dict(
+            {k[8:]: v for k, v in setup_t.items() if k.startswith("teacher.")}, strict=True
+        )
 
     student = copy.deepcopy(teacher)
     adapter.attach(student, gate_config(recipe))
     store = store_of(student)
     log(f"gates: {len(store)} in {store.num_segments} segments")
 
-    # -- how fast can it get? (measured, every segment at its minimum)
-    saved = store.logits.detach().clone()
-    base_ms = meter(teacher).median_ms
-    set_minimal_keep(store)
-    min_ms = meter(export(student, ExportPolicy(check=False))).median_ms
-    with torch.no_grad():
-        store.logits.copy_(saved)
-    target_ms = (
-        recipe.target.latency_ms if recipe.target.latency_ms is not None else recipe.target.ratio * base_ms
-    )
-    if target_ms < min_ms:
-        raise TargetError(
-            f"target latency {target_ms:.3g} ms is below the fastest allowed keep set ({min_ms:.3g} ms measured on "
-            f"{dev} with every segment at its min_keep; keep-all {base_ms:.3g} ms)"
+    if have_setup:
+        base_ms, min_ms, target_ms = setup["base_ms"], setup["min_ms"], setup["target_ms"]
+        proxy = LatencyProxy(store, adapter.cost_terms(student, lat_in), mode=recipe.proxy.mode).to(device)
+        proxy.load_state_dict({k[6:]: v for k, v in setup_t.items() if k.startswith("proxy.")}, strict=True)
+        proxy.calibration = setup["proxy_calibration"]
+        proxy.table_measured = setup["proxy_table_measured"]
+        calib = [(setup_t[f"calib.{i}"], ms) for i, ms in enumerate(setup["calib_ms"])]
+        fit = {"mape": setup["initial_fit_mape"]}
+        log(f"resuming {paths.partial}: measurements of the first start reused (target {target_ms:.2f} ms)")
+    else:
+        # -- how fast can it get? (measured, every segment at its minimum)
+        saved = store.logits.detach().clone()
+        base_ms = meter(teacher).median_ms
+        set_minimal_keep(store)
+        min_ms = meter(export(student, ExportPolicy(check=False))).median_ms
+        with torch.no_grad():
+            store.logits.copy_(saved)
+        target_ms = (
+            recipe.target.latency_ms
+            if recipe.target.latency_ms is not None
+            else recipe.target.ratio * base_ms
         )
-    log(
-        f"latency on {dev}: keep-all {base_ms:.2f} ms, smallest allowed {min_ms:.2f} ms, target {target_ms:.2f} ms"
-    )
+        if target_ms < min_ms:
+            raise TargetError(
+                f"target latency {target_ms:.3g} ms is below the fastest allowed keep set ({min_ms:.3g} ms measured on "
+                f"{dev} with every segment at its min_keep; keep-all {base_ms:.3g} ms)"
+            )
+        log(
+            f"latency on {dev}: keep-all {base_ms:.2f} ms, smallest allowed {min_ms:.2f} ms, target {target_ms:.2f} ms"
+        )
 
-    # -- proxy: lookup table + calibration on several measured sub-architectures
-    proxy = LatencyProxy(store, adapter.cost_terms(student, lat_in), mode=recipe.proxy.mode).to(device)
-    if recipe.proxy.mode == "lut":
-        n_ops = proxy.measure_table(
-            device=dev, repeats=recipe.proxy.lut_repeats, budget_s=recipe.proxy.lut_budget_s
+        # -- proxy: lookup table + calibration on several measured sub-architectures
+        proxy = LatencyProxy(store, adapter.cost_terms(student, lat_in), mode=recipe.proxy.mode).to(device)
+        if recipe.proxy.mode == "lut":
+            n_ops = proxy.measure_table(
+                device=dev, repeats=recipe.proxy.lut_repeats, budget_s=recipe.proxy.lut_budget_s
+            )
+            log(f"proxy lookup table: {n_ops} ops timed")
+        calib = measure_subarchs(
+            student, calibration_logits(student, recipe.proxy.calib_points, recipe.seed), meter
         )
-        log(f"proxy lookup table: {n_ops} ops timed")
-    calib = measure_subarchs(
-        student, calibration_logits(student, recipe.proxy.calib_points, recipe.seed), meter
-    )
-    fit = proxy.calibrate([w for w, _ in calib], [m for _, m in calib])
-    log(f"proxy calibrated on {len(calib)} measured sub-architectures: MAPE {fit['mape']:.1f}%")
+        fit = proxy.calibrate([w for w, _ in calib], [m for _, m in calib])
+        log(f"proxy calibrated on {len(calib)} measured sub-architectures: MAPE {fit['mape']:.1f}%")
+        save_checkpoint(
+            paths.setup,
+            0,
+            _setup_tensors(teacher if recipe.model.path is None else None, proxy, calib),
+            {
+                "base_ms": base_ms,
+                "min_ms": min_ms,
+                "target_ms": target_ms,
+                "initial_fit_mape": fit["mape"],
+                "calib_ms": [float(m) for _, m in calib],
+                "proxy_calibration": proxy.calibration,
+                "proxy_table_measured": bool(getattr(proxy, "table_measured", False)),
+            },
+        )
 
     # -- gate training
     tr = recipe.train
@@ -244,6 +443,9 @@ def optimize(recipe: Recipe, log: Callable[[str], None] = print) -> dict:
         alternating=tr.alternating,
         amp=tr.amp,
         grad_clip=tr.grad_clip,
+        checkpoint_every=tr.checkpoint_every,
+        max_bad_steps=tr.max_bad_steps,
+        seed=recipe.seed,
         progress=recipe.progress,
         kd=kd_config(recipe),
         penalties=PenaltyWeights(
@@ -252,7 +454,35 @@ def optimize(recipe: Recipe, log: Callable[[str], None] = print) -> dict:
     )
     probe = make_latency_probe(student, meter)
     trainer = LagrangeTrainer(student, teacher, proxy, target_ms, cfg, probe=probe, calibration=calib)
-    history = trainer.fit(job.train_loader)
+    seed_everything(recipe.seed)  # the gate phase starts from a state set by the seed alone
+    if resume and has_checkpoint(paths.checkpoints):
+        ck_t, ck, ck_path = load_checkpoint(paths.checkpoints)
+        trainer.load_state(ck_t, ck)
+        log(f"resuming gate training after step {trainer.step_idx} from {ck_path}")
+    mlog = MetricsLog(
+        os.path.join(paths.partial, "metrics.jsonl"),
+        trainer.history,
+        os.path.join(paths.partial, "tensorboard"),
+    )
+
+    def write_checkpoint(t: LagrangeTrainer) -> str:
+        tensors, js = t.state()
+        return save_checkpoint(paths.checkpoints, t.step_idx, tensors, js)
+
+    try:
+        with _SignalFlag() as flag:
+            try:
+                history = trainer.fit(
+                    job.train_loader,
+                    on_step=lambda rec: mlog.write("gates", rec),
+                    checkpoint=write_checkpoint,
+                    should_stop=lambda: flag.signum is not None,
+                )
+            except StopRequested as e:
+                assert flag.signum is not None
+                raise RunInterrupted(flag.signum, e.step, paths.out) from None
+    finally:
+        mlog.f.flush()
     if not history or "real_ms" not in history[-1]:
         history[-1].update(trainer.probe_now())
 
@@ -319,31 +549,33 @@ def optimize(recipe: Recipe, log: Callable[[str], None] = print) -> dict:
         "train": {"steps": cfg.steps, "seconds": getattr(trainer, "seconds", None)},
         "job": job.info,
         "versions": environment_info(),
-        "recipe": recipe.to_dict(),
+        "recipe": recipe_dict,
         "wall_seconds": time.perf_counter() - t_start,
     }
-    tmp = f"{out_dir.rstrip('/')}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        job.save(slim, os.path.join(tmp, "slim"))
-        with open(os.path.join(tmp, "metrics.jsonl"), "w") as f:
-            for rec in history:
-                f.write(json.dumps({"phase": "gates", **rec}) + "\n")
-            for rec in ft_hist:
-                f.write(json.dumps({"phase": "finetune", **rec}) + "\n")
-        if recipe.output.plot:
-            from hawada.report import plot_run
+    tmp = paths.partial
+    for rec in ft_hist:
+        mlog.write("finetune", rec)
+    mlog.close()
+    for name in ("slim", "report.png", "report.json"):  # leftovers of an earlier, interrupted finish
+        p = os.path.join(tmp, name)
+        if os.path.isdir(p):
+            shutil.rmtree(p)
+        elif os.path.exists(p):
+            os.remove(p)
+    job.save(slim, os.path.join(tmp, "slim"))
+    if recipe.output.plot:
+        from hawada.report import plot_run
 
-            plot_run(report, history, os.path.join(tmp, "report.png"))
-        with open(os.path.join(tmp, "report.json"), "w") as f:
-            json.dump(report, f, indent=1)
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        plot_run(report, history, os.path.join(tmp, "report.png"))
+    with open(os.path.join(tmp, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    # complete: the resumable state goes, the folder takes its final name
+    if not recipe.output.keep_state:
+        shutil.rmtree(paths.state)
+    if os.path.isdir(os.path.join(tmp, "tensorboard")) and not os.listdir(os.path.join(tmp, "tensorboard")):
+        os.rmdir(os.path.join(tmp, "tensorboard"))
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
     report["output_dir"] = out_dir
     return report

@@ -13,7 +13,6 @@ lambda follows projected dual ascent: lambda <- clip(lambda + lr * violation, 0,
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -48,6 +47,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     anneal: bool = True
     progress: bool = True
+    checkpoint_every: int = 0
+    max_bad_steps: int = 5
+    seed: int = 0
     penalties: PenaltyWeights = field(default_factory=PenaltyWeights)
     kd: KDConfig = field(default_factory=KDConfig)
 
@@ -56,6 +58,48 @@ class TrainConfig:
             raise ValueError(f"train.steps must be >= 1, got {self.steps}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"train.amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if self.max_bad_steps < 1:
+            raise ValueError(f"train.max_bad_steps must be >= 1, got {self.max_bad_steps}")
+
+
+class NonFiniteError(ValueError):
+    """Too many non-finite steps in a row (a checkpoint was written first)."""
+
+
+class StopRequested(Exception):
+    """``fit`` stopped after a step because ``should_stop()`` said so; ``path`` is the checkpoint."""
+
+    def __init__(self, step: int, path: str | None) -> None:
+        super().__init__(f"stopped after step {step}")
+        self.step, self.path = step, path
+
+
+def data_seed(seed: int, epoch: int) -> int:
+    """The shuffling seed of one epoch: the data order is a function of (seed, epoch) alone."""
+    return (seed * 1_000_003 + epoch * 7_919 + 1) % (2**63)
+
+
+def reseed_loader(loader: Iterable, seed: int, epoch: int) -> None:
+    """Make a shuffling DataLoader's order for ``epoch`` depend on (seed, epoch) only.
+
+    The sampler's generator is reseeded (created when it has none); samplers with
+    ``set_epoch`` (e.g. DistributedSampler) are told the epoch. Other iterables are left as is.
+    """
+    from torch.utils.data import DataLoader, RandomSampler
+
+    if not isinstance(loader, DataLoader):
+        return
+    s = loader.sampler
+    if hasattr(s, "set_epoch"):
+        s.set_epoch(epoch)
+        return
+    gen = getattr(s, "generator", None)
+    if gen is None and isinstance(s, RandomSampler):
+        gen = s.generator = torch.Generator()
+    if gen is not None:
+        gen.manual_seed(data_seed(seed, epoch))
+    if loader.generator is not None and loader.generator is not gen:
+        loader.generator.manual_seed(data_seed(seed, epoch) + 1)
 
 
 def cycle(loader: Iterable) -> Iterator:
@@ -134,6 +178,14 @@ class LagrangeTrainer:
         self.step_idx = 0
         self.history: list[dict] = []
         self.last_real_ms: float | None = None
+        # data position: batches of epoch ``epoch`` already consumed
+        self.epoch, self.batch_pos = 0, 0
+        self.bad_total, self.bad_in_row = 0, 0
+        self._pending_rng: tuple[dict, dict] | None = None
+        kinds: dict[str, list[int]] = {}
+        for i, seg in enumerate(self.store.segments):
+            kinds.setdefault(seg.kind, []).append(i)
+        self._kind_index = {k: torch.tensor(v, device=self.device) for k, v in kinds.items()}
         for p in teacher.parameters():
             p.requires_grad_(False)
         teacher.eval()
@@ -166,6 +218,19 @@ class LagrangeTrainer:
         lat = self.lam * (proxy_ms - target) / target
         return pen, lat, proxy_ms
 
+    def _backward(self, loss: torch.Tensor) -> bool:
+        """Backward of a finite ``loss``; False (and no gradients kept) when the loss or a
+        gradient is not finite. With fp16 loss scaling the scaler's own inf check handles
+        overflowing gradients, so only the loss is checked then."""
+        if not bool(torch.isfinite(loss.detach()).all()):
+            return False
+        self.scaler.scale(loss).backward()
+        if self.scaler.is_enabled():
+            return True
+        grads = [p.grad for p in [*self.weights, self.store.logits] if p.grad is not None]
+        # one reduction per tensor: a sum is finite iff every element is (barring fp overflow)
+        return not grads or bool(torch.isfinite(torch.stack([g.sum() for g in grads])).all())
+
     def _step_opt(self, opt: torch.optim.Optimizer | None, params: list) -> None:
         if opt is None:
             return
@@ -185,29 +250,49 @@ class LagrangeTrainer:
         for o in (self.opt_w, self.opt_g):
             if o is not None:
                 o.zero_grad(set_to_none=True)
+        # a bad batch must not poison running statistics (BatchNorm) either: restored on a skip
+        buffers = [(b, b.detach().clone()) for b in self.student.buffers()]
         if not cfg.alternating:
             kd = self._kd(batch)
             pen, lat, proxy_ms = self._gate_terms(target)
-            self.scaler.scale(kd + pen + lat).backward()
-            self._step_opt(self.opt_w, self.weights)
-            self._step_opt(self.opt_g, [self.store.logits])
+            ok = self._backward(kd + pen + lat)
+            if ok:
+                self._step_opt(self.opt_w, self.weights)
+                self._step_opt(self.opt_g, [self.store.logits])
         else:
             kd_w = self._kd(batch)
-            self.scaler.scale(kd_w).backward()
+            ok = self._backward(kd_w)
             self.store.logits.grad = None
-            self._step_opt(self.opt_w, self.weights)
-            if self.opt_w is not None:
-                self.opt_w.zero_grad(set_to_none=True)
-            kd = self._kd(batch)
-            pen, lat, proxy_ms = self._gate_terms(target)
-            self.scaler.scale(kd + pen + lat).backward()
-            self._step_opt(self.opt_g, [self.store.logits])
-        self.scaler.update()
-        project_gates_into_constraints(self.store)
-        with torch.no_grad():
-            viol = (proxy_ms.detach() - target) / target
-            self.lam.add_(cfg.lambda_lr * viol).clamp_(0.0, cfg.lambda_max)
+            if ok:
+                self._step_opt(self.opt_w, self.weights)
+                if self.opt_w is not None:
+                    self.opt_w.zero_grad(set_to_none=True)
+                kd = self._kd(batch)
+                pen, lat, proxy_ms = self._gate_terms(target)
+                ok = self._backward(kd + pen + lat)
+                if ok:
+                    self._step_opt(self.opt_g, [self.store.logits])
+            else:
+                kd = kd_w
+                pen, lat, proxy_ms = self._gate_terms(target)
+        if ok:
+            self.scaler.update()
+            project_gates_into_constraints(self.store)
+            with torch.no_grad():
+                viol = (proxy_ms.detach() - target) / target
+                self.lam.add_(cfg.lambda_lr * viol).clamp_(0.0, cfg.lambda_max)
+            self.bad_in_row = 0
+        else:  # non-finite loss or gradient: no update at all, lambda unchanged; counted
+            for o in (self.opt_w, self.opt_g):
+                if o is not None:
+                    o.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+            self.bad_total += 1
+            self.bad_in_row += 1
         self.step_idx += 1
+        opened = self.store.open_units()  # [S]
         rec = {
             "step": self.step_idx,
             "kd": float(kd.detach()),
@@ -215,9 +300,13 @@ class LagrangeTrainer:
             "lambda": float(self.lam),
             "proxy_ms": float(proxy_ms.detach()),
             "target_ms": target,
-            "kept": float(self.store.open_units().sum() / self.store.seg_units.sum()),
+            "kept": float(opened.sum() / self.store.seg_units.sum()),
             "tau": float(self.store.tau),
         }
+        for kind, idx in self._kind_index.items():  # kept fraction per segment kind
+            rec[f"kept_{kind}"] = float(opened[idx].sum() / self.store.seg_units[idx].sum())
+        if not ok:
+            rec["skipped"] = True
         if self.probe is not None and cfg.probe_every > 0 and self.step_idx % cfg.probe_every == 0:
             rec.update(self.probe_now())
         self.history.append(rec)
@@ -231,20 +320,120 @@ class LagrangeTrainer:
         fit = self.proxy.add_point_and_refit(self.store.open_units(), res["median_ms"], self.calibration)
         return {"real_ms": res["median_ms"], "real_spread_ms": res["spread_ms"], "proxy_mape": fit["mape"]}
 
-    def fit(self, loader: Iterable) -> list[dict]:
-        """Run ``cfg.steps`` steps over ``loader`` (cycled); returns the history."""
-        it = cycle(loader)
+    # ------------------------------------------------------------------ state
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Everything gate training needs to continue exactly: (tensors, JSON-serialisable)."""
+        from hawada.core.checkpoint import optimizer_state, rng_state
+
+        tensors = {f"student.{k}": v for k, v in self.student.state_dict().items()}
+        tensors.update({f"proxy.{k}": v for k, v in self.proxy.state_dict().items()})
+        tensors["lam"] = self.lam
+        js: dict[str, Any] = {}
+        for name, opt in (("opt_w", self.opt_w), ("opt_g", self.opt_g)):
+            if opt is not None:
+                t, j = optimizer_state(opt, name)
+                tensors.update(t)
+                js[name] = j
+        for i, (w, _) in enumerate(self.calibration):
+            tensors[f"calib.{i}"] = torch.as_tensor(w)
+        rt, rj = rng_state()
+        tensors.update(rt)
+        js.update(
+            step=self.step_idx,
+            epoch=self.epoch,
+            batch_pos=self.batch_pos,
+            bad_total=self.bad_total,
+            bad_in_row=self.bad_in_row,
+            start_ms=self.start_ms,
+            last_real_ms=self.last_real_ms,
+            scaler=self.scaler.state_dict(),
+            calib_ms=[float(m) for _, m in self.calibration],
+            proxy_calibration=self.proxy.calibration,
+            proxy_table_measured=bool(getattr(self.proxy, "table_measured", False)),
+            rng=rj,
+            history=self.history,
+        )
+        return tensors, js
+
+    def load_state(self, tensors: dict[str, torch.Tensor], js: dict) -> None:
+        """Restore :meth:`state`; the RNG states are applied when :meth:`fit` resumes."""
+        from hawada.core.checkpoint import load_optimizer_state
+
+        def sub(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        self.student.load_state_dict(sub("student."), strict=True)
+        self.proxy.load_state_dict(sub("proxy."), strict=True)
+        self.proxy.calibration = js["proxy_calibration"]
+        if hasattr(self.proxy, "table_measured"):
+            self.proxy.table_measured = js["proxy_table_measured"]
+        with torch.no_grad():
+            self.lam.copy_(tensors["lam"])
+        for name, opt in (("opt_w", self.opt_w), ("opt_g", self.opt_g)):
+            if opt is not None:
+                load_optimizer_state(opt, name, tensors, js[name])
+        if js["scaler"]:
+            self.scaler.load_state_dict(js["scaler"])
+        self.calibration[:] = [(tensors[f"calib.{i}"], ms) for i, ms in enumerate(js["calib_ms"])]
+        self.step_idx, self.epoch, self.batch_pos = js["step"], js["epoch"], js["batch_pos"]
+        self.bad_total, self.bad_in_row = js["bad_total"], js["bad_in_row"]
+        self.start_ms, self.last_real_ms = js["start_ms"], js["last_real_ms"]
+        self.history = list(js["history"])
+        self._pending_rng = ({k: v for k, v in tensors.items() if k.startswith("rng.")}, js["rng"])
+
+    def _epoch_iter(self, loader: Iterable) -> Iterator:
+        """An iterator over ``loader`` at the data position (epoch, batch_pos)."""
+        reseed_loader(loader, self.cfg.seed, self.epoch)
+        it = iter(loader)
+        for _ in range(self.batch_pos):
+            if next(it, None) is None:
+                break
+        return it
+
+    def fit(
+        self,
+        loader: Iterable,
+        on_step: Callable[[dict], None] | None = None,
+        checkpoint: Callable[[LagrangeTrainer], str] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[dict]:
+        """Run up to ``cfg.steps`` steps over ``loader`` (epoch after epoch); returns the history.
+
+        ``on_step(record)`` sees each step's metrics; ``checkpoint(trainer)`` writes one and
+        returns its path (every ``cfg.checkpoint_every`` steps, at a stop, at the end);
+        ``should_stop()`` is asked after each step: True writes a checkpoint and raises
+        :class:`StopRequested`. ``cfg.max_bad_steps`` non-finite steps in a row write a
+        checkpoint and raise :class:`NonFiniteError`.
+        """
+        from hawada.core.checkpoint import set_rng_state
+
+        cfg = self.cfg
         bar = None
-        if self.cfg.progress:
+        if cfg.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=self.cfg.steps, desc="gates", dynamic_ncols=True)
+            bar = tqdm(total=cfg.steps, initial=self.step_idx, desc="gates", dynamic_ncols=True)
         t0 = time.perf_counter()
+        it: Iterator | None = None
+        last_ckpt = -1
         try:
-            while self.step_idx < self.cfg.steps:
-                rec = self.step(to_device(next(it), self.device))
-                if not math.isfinite(rec["kd"]):
-                    raise FloatingPointError(f"non-finite KD loss at step {rec['step']}")
+            while self.step_idx < cfg.steps:
+                if it is None:
+                    it = self._epoch_iter(loader)
+                    if self._pending_rng is not None:  # after the iterator: it may draw from the RNG
+                        set_rng_state(*self._pending_rng)
+                        self._pending_rng = None
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    if self.batch_pos == 0:
+                        raise ValueError("the data loader yielded no batch") from None
+                    self.epoch, self.batch_pos, it = self.epoch + 1, 0, None
+                    continue
+                self.batch_pos += 1
+                rec = self.step(to_device(batch, self.device))
+                if on_step is not None:
+                    on_step(rec)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(
@@ -254,6 +443,22 @@ class LagrangeTrainer:
                         real="-" if self.last_real_ms is None else f"{self.last_real_ms:.1f}ms",
                         kept=f"{rec['kept']:.2f}",
                     )
+                if self.bad_in_row >= cfg.max_bad_steps:
+                    path = checkpoint(self) if checkpoint is not None else None
+                    where = f"; checkpoint: {path}" if path else ""
+                    raise NonFiniteError(
+                        f"train: {self.bad_in_row} non-finite steps in a row (loss or gradient), "
+                        f"the last at step {rec['step']}{where}"
+                    )
+                stop = should_stop is not None and should_stop()
+                every = cfg.checkpoint_every > 0 and self.step_idx % cfg.checkpoint_every == 0
+                path = None
+                if checkpoint is not None and (stop or every):
+                    path, last_ckpt = checkpoint(self), self.step_idx
+                if stop:
+                    raise StopRequested(self.step_idx, path)
+            if checkpoint is not None and last_ckpt != self.step_idx:
+                checkpoint(self)
         finally:
             if bar is not None:
                 bar.close()
