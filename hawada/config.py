@@ -153,6 +153,12 @@ class MeasureSection:
     min_repeats: int = _f(10, lo=1)
     max_repeats: int = _f(200, lo=1)
     budget_s: float = _f(3.0, lo=0.0, lo_open=True)
+    timer: Literal["python", "auto", "cpp"] = _f(
+        "python",
+        help="python: the eager model as users run it; cpp/auto: the compiled extension's loop over a "
+        "traced program (less Python overhead, so not what an eager user sees)",
+    )
+    cuda_graph: bool = _f(False, help="CUDA: time CUDA-graph replays")
 
 
 @dataclass

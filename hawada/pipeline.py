@@ -219,6 +219,8 @@ def make_meter(recipe: Recipe, job: Job) -> Meter:
         min_repeats=m.min_repeats,
         max_repeats=m.max_repeats,
         budget_s=m.budget_s,
+        timer=m.timer,
+        cuda_graph=m.cuda_graph,
     )
 
 
