@@ -62,13 +62,15 @@ class ExportPolicy:
     The default applies no rounding and keeps exactly the units whose gates are open in eval
     mode. ``rounding`` applies to every kind unless ``per_kind`` names one. ``check``: verify
     the slim model against the gated model on a probe batch (invariant 2) and refuse to
-    return a model that breaks it, at relative error ``tolerance``.
+    return a model that breaks it, at relative error ``tolerance``. ``counts``: kept unit count
+    per segment name, overriding the gates and the rounding (e.g. a uniform layout).
     """
 
     rounding: Rounding | None = None
     per_kind: dict[str, Rounding] = field(default_factory=dict)
     check: bool = True
     tolerance: float = 1e-4
+    counts: dict[str, int] = field(default_factory=dict)
 
     def rounding_for(self, kind: str) -> Rounding | None:
         return self.per_kind.get(kind, self.rounding)
@@ -100,6 +102,9 @@ def keep_counts(store: GateStore, policy: ExportPolicy | None = None) -> dict[st
     open_u = [int(round(v)) for v in store.open_units().tolist()]
     out = {}
     for seg, o in zip(store.segments, open_u):
+        if seg.name in policy.counts:
+            out[seg.name] = max(0, min(int(policy.counts[seg.name]), seg.units))
+            continue
         r = policy.rounding_for(seg.kind)
         out[seg.name] = o if r is None else r.apply(o, seg.units)
     return out
