@@ -308,7 +308,10 @@ def test_kd_kind_and_outputs() -> None:
 def test_cost_terms_follow_the_gates() -> None:
     g = gated("BertModel")
     ad = adapter_for(g)
-    x = {"input_ids": torch.zeros(4, 16, dtype=torch.long), "attention_mask": torch.ones(4, 16, dtype=torch.long)}
+    x = {
+        "input_ids": torch.zeros(4, 16, dtype=torch.long),
+        "attention_mask": torch.ones(4, 16, dtype=torch.long),
+    }
     terms = ad.cost_terms(g, x)
     assert len(terms) == LAYERS * 10
     store = hawada.gates(g)

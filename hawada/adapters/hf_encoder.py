@@ -34,7 +34,13 @@ from hawada.core.gates import GateConfig, GateStore
 from hawada.core.hooks import gate_linear, install_store
 from hawada.core.proxy_cost import CostTerm
 from hawada.hf_remote import modeling_hawada as remote
-from hawada.hf_remote.modeling_hawada import STYLES, EmptyAttention, encoder_layers, get_path, set_attention_heads
+from hawada.hf_remote.modeling_hawada import (
+    STYLES,
+    EmptyAttention,
+    encoder_layers,
+    get_path,
+    set_attention_heads,
+)
 
 REMOTE_FILE = "modeling_hawada.py"
 TASK_AUTO = {
@@ -61,7 +67,9 @@ def _style_and_layers(model: nn.Module) -> tuple[str, str, nn.ModuleList]:
     style = remote.layer_style(layers[0])
     if style is None:
         q = " or ".join(f"{path}.0.{p['q']}" for p in STYLES.values())
-        raise LayoutError(f"{type(model).__name__}: module {q} not found (not a BERT/ViT-style encoder layer)")
+        raise LayoutError(
+            f"{type(model).__name__}: module {q} not found (not a BERT/ViT-style encoder layer)"
+        )
     for i, layer in enumerate(layers):
         for key, sub in STYLES[style].items():
             mod = get_path(layer, sub)
@@ -234,7 +242,11 @@ class HFEncoderAdapter(Adapter):
             )
 
         def norm(name: str, dim, width: int) -> None:
-            terms.append(CostTerm(name, "norm_act", (dim,), 8.0 * tokens * width, 8.0 * tokens * width, {"tokens": tokens}))
+            terms.append(
+                CostTerm(
+                    name, "norm_act", (dim,), 8.0 * tokens * width, 8.0 * tokens * width, {"tokens": tokens}
+                )
+            )
 
         for i, layer in enumerate(layers):
             heads = get_path(layer, p["q"]).out_features // hd
@@ -400,7 +412,7 @@ def _head_dim_any(model: nn.Module, style: str, layers: nn.ModuleList) -> int:
     for layer in layers:
         attn = get_path(layer, STYLES[style]["attn"])
         if not isinstance(attn, EmptyAttention):
-            return int(getattr(attn, "attention_head_size", None) or getattr(attn, "head_dim"))
+            return int(getattr(attn, "attention_head_size", None) or attn.head_dim)
     raise LayoutError("cannot tell the head size of a model whose heads were all removed")
 
 

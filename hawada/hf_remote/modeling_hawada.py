@@ -145,7 +145,9 @@ def apply_layout(model: nn.Module, layout: dict) -> nn.Module:
         raise ValueError(f"layout has {len(layout['layers'])} layers, the model {len(layers)}")
     hidden = model.config.hidden_size
     for layer, spec in zip(layers, layout["layers"]):
-        set_layer_widths(layer, layout["style"], int(layout["head_dim"]), int(spec["attn"]), int(spec["ffn"]), hidden)
+        set_layer_widths(
+            layer, layout["style"], int(layout["head_dim"]), int(spec["attn"]), int(spec["ffn"]), hidden
+        )
     return model
 
 

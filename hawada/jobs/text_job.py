@@ -38,7 +38,9 @@ def packaged_minilm_folder() -> str:
 
 
 @torch.no_grad()
-def embed(model: nn.Module, adapter, data, device: torch.device, batch_size: int = EVAL_BATCH) -> torch.Tensor:
+def embed(
+    model: nn.Module, adapter, data, device: torch.device, batch_size: int = EVAL_BATCH
+) -> torch.Tensor:
     """``[N, D]`` normalised embeddings of every passage of a :class:`~hawada.text.Tokenized` set."""
     was = model.training
     model.eval()
