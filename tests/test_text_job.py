@@ -105,7 +105,6 @@ def test_job_refuses_a_model_folder_without_tokenizer(tmp_path) -> None:
         build_text_job(r, torch.device("cpu"))
 
 
-@pytest.mark.slow  # 50-170 s on the shared 2-core machine (latency measurements of the real model)
 def test_minilm_recipe_smoke_run(tmp_path) -> None:
     """A few steps of the real recipe on the packaged MiniLM weights, end to end."""
     from hawada.pipeline import optimize
