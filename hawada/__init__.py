@@ -3,6 +3,7 @@
 from hawada.api import attach, export, export_keepall, gates
 from hawada.core.export import ExportPolicy, Rounding
 from hawada.core.gates import GateConfig
+from hawada.slim_io import load_slim, save_slim
 
 __version__ = "0.1.0"
 
@@ -14,5 +15,7 @@ __all__ = [
     "GateConfig",
     "ExportPolicy",
     "Rounding",
+    "load_slim",
+    "save_slim",
     "__version__",
 ]

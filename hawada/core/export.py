@@ -65,7 +65,7 @@ class ExportPolicy:
     mode. ``rounding`` applies to every kind unless ``per_kind`` names one. ``check``: verify
     the slim model against the gated model on a probe batch (invariant 2) and refuse to
     return a model that breaks it, at relative error ``tolerance``. ``counts``: kept unit count
-    per segment name, overriding the rounding (e.g. a uniform layout across layers).
+    per segment name, overriding the gates and the rounding (e.g. a uniform layout).
     """
 
     rounding: Rounding | None = None

@@ -55,34 +55,48 @@ class GatedLinear(nn.Linear):
     _hawada_store: GateStore
     _hawada_segment: str
     _hawada_side: str
+    _hawada_epu: int = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from hawada.ops import gated_linear
 
         store, seg = self._hawada_store, self._hawada_store.segment(self._hawada_segment)
+        # A unit may span several features (an attention head spans head_dim input columns).
+        epu = self._hawada_epu
         mask = store.gate_mask()[seg.start : seg.stop]
         if store._override is not None and seg.name in store._override:
-            mask, group = store.unit_mask(seg.name), 1
+            mask, group = store.unit_mask(seg.name), epu
         else:
-            group = seg.group_size
+            group = seg.group_size * epu
         return gated_linear(x, self.weight, self.bias, mask, self._hawada_side, group)
 
 
-def gate_linear(module: nn.Linear, store: GateStore, segment: str, side: str) -> None:
-    """In place: make ``module`` a :class:`GatedLinear` reading ``segment`` of ``store``."""
+def gate_linear(
+    module: nn.Linear, store: GateStore, segment: str, side: str, elements_per_unit: int = 1
+) -> None:
+    """In place: make ``module`` a :class:`GatedLinear` reading ``segment`` of ``store``.
+
+    ``elements_per_unit``: features one unit of the segment covers (e.g. ``head_dim`` when the
+    segment counts attention heads); the gated side must have ``units * elements_per_unit``.
+    """
     if type(module) is not nn.Linear:
         raise TypeError(f"gate_linear expects a plain nn.Linear, got {type(module).__name__}")
     if side not in ("out", "in"):
         raise ValueError(f"side must be 'out' or 'in', got {side!r}")
+    if elements_per_unit < 1:
+        raise ValueError(f"elements_per_unit must be >= 1, got {elements_per_unit}")
     seg = store.segment(segment)
     width = module.out_features if side == "out" else module.in_features
-    if seg.units != width:
+    if seg.units * elements_per_unit != width:
         raise ValueError(
-            f"segment {segment!r} has {seg.units} units but the linear has {width} {side} features"
+            f"segment {segment!r} has {seg.units} units x {elements_per_unit} features but the linear "
+            f"has {width} {side} features"
         )
     module.__class__ = GatedLinear
     # Plain attributes (not a registered submodule): the store belongs to the model root.
-    module.__dict__.update(_hawada_store=store, _hawada_segment=segment, _hawada_side=side)
+    module.__dict__.update(
+        _hawada_store=store, _hawada_segment=segment, _hawada_side=side, _hawada_epu=int(elements_per_unit)
+    )
 
 
 def add_hook(module: nn.Module, hook: Any, pre: bool = False, with_kwargs: bool = False) -> None:
@@ -115,7 +129,7 @@ def strip_gate_hooks(model: nn.Module) -> nn.Module:
                 mod._forward_pre_hooks_with_kwargs.pop(k, None)
         if isinstance(mod, GatedLinear):
             mod.__class__ = nn.Linear
-            for a in ("_hawada_store", "_hawada_segment", "_hawada_side"):
+            for a in ("_hawada_store", "_hawada_segment", "_hawada_side", "_hawada_epu"):
                 mod.__dict__.pop(a, None)
     if STORE_ATTR in model._modules:
         del model._modules[STORE_ATTR]

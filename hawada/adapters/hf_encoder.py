@@ -1,0 +1,490 @@
+"""Hugging Face encoders: BERT-style (BertModel, RobertaModel and their task heads) and ViT-style
+(ViTModel, ViTForImageClassification, DeiT) layers.
+
+Segments (per encoder layer ``i``):
+* ``layer{i}.heads``, kind ``head``: the attention heads (one gate per head by default). A head's
+  query/key/value rows and its output-projection columns share the gate (invariant 4); the mask
+  is applied to the output projection's input (a :class:`GatedLinear` whose unit covers
+  ``head_dim`` input features), so the gated forward is the stock forward plus a mask.
+* ``layer{i}.ffn``, kind ``ffn``: intermediate neurons in groups (default 32; the last group may
+  be partial). Masked on the pre-activation output of the up projection; every supported
+  activation maps 0 to 0 (checked at attach), so a closed neuron contributes exactly nothing.
+
+Export slices the linears and updates the attention's head count; a layer whose heads are all
+closed gets an :class:`EmptyAttention` (only the output bias remains, as in the gated model), a
+layer whose FFN is all closed gets zero-width linears. The per-layer layout is stored in
+``config.hawada_layout``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hawada.adapters.base import Adapter, UnknownModelError, register_adapter
+from hawada.core.export import ExportPolicy, clone_without_gates, slice_linear
+from hawada.core.gates import GateConfig, GateStore
+from hawada.core.hooks import gate_linear, install_store
+from hawada.core.proxy_cost import CostTerm
+from hawada.hf_remote import modeling_hawada as remote
+from hawada.hf_remote.modeling_hawada import (
+    STYLES,
+    EmptyAttention,
+    encoder_layers,
+    get_path,
+    set_attention_heads,
+)
+
+REMOTE_FILE = "modeling_hawada.py"
+TASK_AUTO = {
+    "ForSequenceClassification": "AutoModelForSequenceClassification",
+    "ForImageClassification": "AutoModelForImageClassification",
+    "ForTokenClassification": "AutoModelForTokenClassification",
+    "ForMaskedLM": "AutoModelForMaskedLM",
+}
+
+
+class LayoutError(UnknownModelError):
+    """A model whose encoder layers do not have the layout this adapter gates."""
+
+
+def _style_and_layers(model: nn.Module) -> tuple[str, str, nn.ModuleList]:
+    """``(style, layer list path, layers)``; raises :class:`LayoutError` naming the first mismatch."""
+    found = encoder_layers(model)
+    if found is None:
+        raise LayoutError(
+            f"{type(model).__name__}: no encoder layer list found (looked for "
+            f"{' / '.join(remote.LAYER_LISTS)} under the base model)"
+        )
+    path, layers = found
+    style = remote.layer_style(layers[0])
+    if style is None:
+        q = " or ".join(f"{path}.0.{p['q']}" for p in STYLES.values())
+        raise LayoutError(
+            f"{type(model).__name__}: module {q} not found (not a BERT/ViT-style encoder layer)"
+        )
+    for i, layer in enumerate(layers):
+        for key, sub in STYLES[style].items():
+            mod = get_path(layer, sub)
+            ok = callable(mod) if key == "act" else isinstance(mod, nn.Linear)
+            if key == "attn":
+                ok = isinstance(mod, nn.Module) and not isinstance(mod, EmptyAttention)
+            if not ok:
+                what = type(mod).__name__ if mod is not None else "missing"
+                raise LayoutError(
+                    f"{type(model).__name__}: module {path}.{i}.{sub} does not match the {style} encoder "
+                    f"layout ({what})"
+                )
+    return style, path, layers
+
+
+def _head_dim(model: nn.Module, style: str, layers: nn.ModuleList) -> int:
+    attn = get_path(layers[0], STYLES[style]["attn"])
+    hd = getattr(attn, "attention_head_size", None) or getattr(attn, "head_dim", None)
+    return int(hd)
+
+
+def _is_bare(model: nn.Module) -> bool:
+    """True for a bare encoder (no task head): its output is the hidden states."""
+    return getattr(model, "base_model", model) is model
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """``[B, L, D]`` hidden states, ``[B, L]`` mask -> ``[B, D]`` L2-normalised mean over real tokens."""
+    if attention_mask is None:
+        pooled = hidden.mean(1)
+    else:
+        m = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+    return F.normalize(pooled, dim=-1)
+
+
+_TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@register_adapter
+class HFEncoderAdapter(Adapter):
+    family = "hf_encoder"
+    kd_kind = "embedding"
+    default_group_size = {"head": 1, "ffn": 32}
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        # Claim any transformers model whose first encoder layer has a BERT/ViT-style query
+        # projection; attach() then checks every module and names the first that differs.
+        try:
+            from transformers import PreTrainedModel
+        except ImportError:
+            return False
+        if not isinstance(model, PreTrainedModel):
+            return False
+        found = encoder_layers(model)
+        if found is None:
+            return False
+        if remote.layer_style(found[1][0]) is not None:
+            return True
+        try:  # a slim model whose first layer lost every head
+            _loose_layers(model)
+            return any(isinstance(m, EmptyAttention) for m in model.modules())
+        except LayoutError:
+            return False
+
+    # ------------------------------------------------------------------ attach
+    def attach(self, model: nn.Module, config: GateConfig) -> nn.Module:
+        style, _, layers = _style_and_layers(model)
+        hd = _head_dim(model, style, layers)
+        p = STYLES[style]
+        for i, layer in enumerate(layers):
+            act = get_path(layer, p["act"])
+            zero = act(torch.zeros(3, dtype=torch.float32))
+            if not torch.equal(zero, torch.zeros_like(zero)):
+                raise LayoutError(
+                    f"layer {i}: activation {type(act).__name__} does not map 0 to 0, so FFN neurons "
+                    "cannot be removed by masking"
+                )
+        self.kd_kind = "embedding" if _is_bare(model) else "logits"
+        store = GateStore(config)
+        gate_heads, gate_ffn = config.wants("head"), config.wants("ffn")
+        for i, layer in enumerate(layers):
+            if gate_heads:
+                heads = get_path(layer, p["q"]).out_features // hd
+                store.register(f"layer{i}.heads", "head", heads, config.group_for("head", 1), i)
+            if gate_ffn:
+                width = get_path(layer, p["up"]).out_features
+                store.register(
+                    f"layer{i}.ffn", "ffn", width, config.group_for("ffn", self.default_group_size["ffn"]), i
+                )
+        if len(store) == 0:
+            raise ValueError("GateConfig.kinds selects no kind the hf_encoder adapter gates ('head', 'ffn')")
+        install_store(model, store, self)
+        for i, layer in enumerate(layers):
+            if gate_heads:
+                gate_linear(get_path(layer, p["o"]), store, f"layer{i}.heads", "in", elements_per_unit=hd)
+            if gate_ffn:
+                gate_linear(get_path(layer, p["up"]), store, f"layer{i}.ffn", "out")
+        return model
+
+    # ------------------------------------------------------------------ data
+    def model_inputs(self, batch: Any) -> Any:
+        """Kwargs for the model: a text batch dict keeps its tensors, an image batch gives pixel_values."""
+        if isinstance(batch, dict):
+            return {k: v for k, v in batch.items() if k in _TEXT_KEYS or k == "pixel_values"}
+        x = batch[0] if isinstance(batch, list | tuple) else batch
+        return {"pixel_values": x}
+
+    def output(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """``[B, D]`` normalised mean-pooled embeddings (bare encoders) or ``[B, C]`` logits."""
+        inputs = self.model_inputs(batch)
+        out = model(**inputs)
+        if _is_bare(model):
+            return mean_pool(out.last_hidden_state, inputs.get("attention_mask"))
+        return out.logits
+
+    def example_inputs(self, model: nn.Module, batch_size: int = 2) -> Any:
+        g = torch.Generator().manual_seed(0)
+        cfg = model.config
+        dev = next(model.parameters()).device
+        if hasattr(cfg, "vocab_size") and not hasattr(cfg, "image_size"):
+            length = 11
+            ids = torch.randint(0, cfg.vocab_size, (batch_size, length), generator=g)
+            mask = torch.ones(batch_size, length, dtype=torch.long)
+            mask[1:, length - 4 :] = 0  # padding in every row but the first
+            return {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}
+        x = torch.randn(batch_size, cfg.num_channels, cfg.image_size, cfg.image_size, generator=g)
+        return {"pixel_values": x.to(dev, next(model.parameters()).dtype)}
+
+    def check_output(self, model: nn.Module, inputs: Any) -> torch.Tensor:
+        with torch.no_grad():
+            out = model(**self.model_inputs(inputs))
+        return out.last_hidden_state if _is_bare(model) else out.logits
+
+    # ------------------------------------------------------------------ proxy
+    def cost_terms(self, model: nn.Module, example_inputs: Any) -> list[CostTerm]:
+        """Per layer: q/k/v/o linears, the attention op, the FFN linears and activation, two norms.
+
+        Shapes come from ``example_inputs`` (``input_ids`` ``[B, L]`` or ``pixel_values``).
+        """
+        style, _, layers = _style_and_layers(model)
+        hd = _head_dim(model, style, layers)
+        p = STYLES[style]
+        store: GateStore | None = getattr(model, "hawada_gates", None)
+        names = {s.name for s in store.segments} if store is not None else set()
+        inputs = self.model_inputs(example_inputs)
+        cfg = model.config
+        if "input_ids" in inputs:
+            b, seq = inputs["input_ids"].shape
+        else:
+            x = inputs["pixel_values"]
+            b = x.shape[0]
+            seq = (x.shape[-2] // cfg.patch_size) * (x.shape[-1] // cfg.patch_size) + 1
+        b, seq = int(b), int(seq)
+        tokens = b * seq
+        hidden = cfg.hidden_size
+        terms: list[CostTerm] = []
+
+        def lin(name: str, dims: tuple, fin: int, fout: int, in_mult: int = 1, out_mult: int = 1) -> None:
+            terms.append(
+                CostTerm(
+                    name,
+                    "linear",
+                    dims,
+                    2.0 * tokens * fin * fout,
+                    4.0 * (tokens * fin + tokens * fout + fin * fout),
+                    {"tokens": tokens, "in_mult": in_mult, "out_mult": out_mult},
+                )
+            )
+
+        def norm(name: str, dim, width: int) -> None:
+            terms.append(
+                CostTerm(
+                    name, "norm_act", (dim,), 8.0 * tokens * width, 8.0 * tokens * width, {"tokens": tokens}
+                )
+            )
+
+        for i, layer in enumerate(layers):
+            heads = get_path(layer, p["q"]).out_features // hd
+            ffn = get_path(layer, p["up"]).out_features
+            hseg = f"layer{i}.heads" if f"layer{i}.heads" in names else heads
+            fseg = f"layer{i}.ffn" if f"layer{i}.ffn" in names else ffn
+            for key in ("q", "k", "v"):
+                lin(f"layer{i}.{key}", (hidden, hseg), hidden, heads * hd, out_mult=hd)
+            terms.append(
+                CostTerm(
+                    f"layer{i}.attention",
+                    "attention",
+                    (hseg,),
+                    4.0 * b * heads * seq * seq * hd,
+                    4.0 * (4 * b * heads * seq * hd + b * heads * seq * seq),
+                    {"batch": b, "seq": seq, "head_dim": hd},
+                )
+            )
+            lin(f"layer{i}.o", (hseg, hidden), heads * hd, hidden, in_mult=hd)
+            norm(f"layer{i}.norm1", hidden, hidden)
+            lin(f"layer{i}.up", (hidden, fseg), hidden, ffn)
+            norm(f"layer{i}.act", fseg, ffn)
+            lin(f"layer{i}.down", (fseg, hidden), ffn, hidden)
+            norm(f"layer{i}.norm2", hidden, hidden)
+        return terms
+
+    # ------------------------------------------------------------------ export
+    def export_keepall(self, gated: nn.Module) -> nn.Module:
+        return clone_without_gates(gated)
+
+    @torch.no_grad()
+    def export_pruned(self, gated: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
+        style, _, _ = _style_and_layers(gated)
+        slim = clone_without_gates(gated)
+        _, _, layers = _style_and_layers(slim)
+        hd = _head_dim(slim, style, layers)
+        p = STYLES[style]
+        hidden = slim.config.hidden_size
+        for i, layer in enumerate(layers):
+            kh = keep.get(f"layer{i}.heads")
+            if kh is not None:
+                kh = kh.long().cpu()
+                feat = (kh.view(-1, 1) * hd + torch.arange(hd).view(1, -1)).reshape(-1)
+                o = slice_linear(get_path(layer, p["o"]), in_idx=feat)
+                if kh.numel() == 0:
+                    if style == "bert":
+                        remote.set_path(layer, p["attn"], EmptyAttention())
+                        remote.set_path(layer, p["o"], o)
+                    else:
+                        remote.set_path(layer, p["attn"], EmptyAttention(o))
+                else:
+                    for key in ("q", "k", "v"):
+                        remote.set_path(layer, p[key], slice_linear(get_path(layer, p[key]), out_idx=feat))
+                    remote.set_path(layer, p["o"], o)
+                    set_attention_heads(get_path(layer, p["attn"]), style, int(kh.numel()), hd)
+            kf = keep.get(f"layer{i}.ffn")
+            if kf is not None:
+                kf = kf.long().cpu()
+                remote.set_path(layer, p["up"], slice_linear(get_path(layer, p["up"]), out_idx=kf))
+                remote.set_path(layer, p["down"], slice_linear(get_path(layer, p["down"]), in_idx=kf))
+        del hidden
+        _record_layout(slim)
+        slim.train(gated.training)
+        return slim
+
+    def uniform_policy(self, gated: nn.Module, policy: Any) -> Any:
+        """Every layer keeps the same head count and FFN width: the mean over layers of the open
+        units, rounded by ``policy``'s rounding for that kind. BERT-style configs cannot express a
+        head size other than hidden / heads, so BERT-style layers keep all their heads (a stock
+        config must be able to describe the result)."""
+        store: GateStore = gated.hawada_gates
+        style, _, _ = _style_and_layers(gated)
+        open_u = [float(v) for v in store.open_units().tolist()]
+        counts: dict[str, int] = {}
+        for kind in ("head", "ffn"):
+            segs = [(s, o) for s, o in zip(store.segments, open_u) if s.kind == kind]
+            if not segs:
+                continue
+            units = segs[0][0].units
+            if kind == "head" and style == "bert":
+                k = units
+            else:
+                mean = sum(o for _, o in segs) / len(segs)
+                if kind == "ffn":  # whole gate groups
+                    g = segs[0][0].group_size
+                    mean = round(mean / g) * g
+                r = (policy or ExportPolicy()).rounding_for(kind)
+                k = int(round(mean)) if r is None else r.apply(int(round(mean)), units)
+                k = max(1, min(k, units))
+            for s, _ in segs:
+                counts[s.name] = k
+        return dataclasses.replace(policy or ExportPolicy(), counts=counts)
+
+    # ------------------------------------------------------------------ files
+    def load_model(self, arch: str, num_classes: int, path: str | None = None) -> nn.Module:
+        """A pretrained encoder from the local folder ``path`` (nothing is downloaded)."""
+        if path is None:
+            raise ValueError("model.path: the hf_encoder family needs a local model folder")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"model.path: folder not found: {path}")
+        if os.path.isfile(os.path.join(path, "layout.json")):
+            return self.load(path)
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(path, local_files_only=True)
+        self.kd_kind = "embedding" if _is_bare(model) else "logits"
+        return model.eval()
+
+    def save(self, model: nn.Module, path: str) -> None:
+        save_encoder(model, path)
+
+    def load(self, path: str) -> nn.Module:
+        model = load_encoder(path)
+        self.kd_kind = "embedding" if _is_bare(model) else "logits"
+        return model
+
+    def layout(self, model: nn.Module) -> dict:
+        style, _, layers = _style_and_layers(model) if not _has_empty(model) else _loose_layers(model)
+        hd = _head_dim_any(model, style, layers)
+        p = STYLES[style]
+        out = []
+        for layer in layers:
+            attn = get_path(layer, p["attn"])
+            if isinstance(attn, EmptyAttention):
+                width = 0
+            else:
+                width = get_path(layer, p["q"]).out_features
+            out.append({"attn": int(width), "ffn": int(get_path(layer, p["up"]).out_features)})
+        return {
+            "family": self.family,
+            "class": type(model).__name__,
+            "style": style,
+            "head_dim": hd,
+            "layers": out,
+        }
+
+
+def _has_empty(model: nn.Module) -> bool:
+    return any(isinstance(m, EmptyAttention) for m in model.modules())
+
+
+def _loose_layers(model: nn.Module) -> tuple[str, str, nn.ModuleList]:
+    """Style and layers of a slim model (some attentions may be empty)."""
+    found = encoder_layers(model)
+    if found is None:
+        raise LayoutError(f"{type(model).__name__}: no encoder layer list found")
+    path, layers = found
+    for layer in layers:
+        st = remote.layer_style(layer)
+        if st is not None:
+            return st, path, layers
+    # every layer's heads removed: tell the styles apart by their FFN module
+    for style, pth in STYLES.items():
+        if isinstance(get_path(layers[0], pth["up"]), nn.Linear):
+            return style, path, layers
+    raise LayoutError(f"{type(model).__name__}: unknown encoder layout")
+
+
+def _head_dim_any(model: nn.Module, style: str, layers: nn.ModuleList) -> int:
+    lay = getattr(model.config, "hawada_layout", None)
+    if lay:
+        return int(lay["head_dim"])
+    for layer in layers:
+        attn = get_path(layer, STYLES[style]["attn"])
+        if not isinstance(attn, EmptyAttention):
+            return int(getattr(attn, "attention_head_size", None) or attn.head_dim)
+    raise LayoutError("cannot tell the head size of a model whose heads were all removed")
+
+
+def _is_uniform(lay: dict) -> bool:
+    return len({(x["attn"], x["ffn"]) for x in lay["layers"]}) == 1
+
+
+def _record_layout(model: nn.Module) -> dict:
+    """Write the per-layer layout into ``model.config`` (and, when uniform and expressible, the
+    stock fields, so the config describes the model to a plain ``from_pretrained``)."""
+    lay = HFEncoderAdapter().layout(model)
+    cfg = model.config
+    cfg.hawada_layout = {"style": lay["style"], "head_dim": lay["head_dim"], "layers": lay["layers"]}
+    if _is_uniform(lay):
+        attn, ffn = lay["layers"][0]["attn"], lay["layers"][0]["ffn"]
+        heads = attn // lay["head_dim"]
+        if lay["style"] == "vit" and heads > 0:
+            cfg.num_attention_heads = heads
+            cfg.head_dim = lay["head_dim"]
+            cfg.intermediate_size = ffn
+        elif lay["style"] == "bert" and heads > 0 and heads * lay["head_dim"] == cfg.hidden_size:
+            cfg.num_attention_heads = heads
+            cfg.intermediate_size = ffn
+    return lay
+
+
+def stock_loadable(model: nn.Module) -> bool:
+    """True when the model's stock config alone describes its shapes (plain ``from_pretrained``)."""
+    lay = HFEncoderAdapter().layout(model)
+    cfg = model.config
+    if not _is_uniform(lay):
+        return False
+    attn, ffn = lay["layers"][0]["attn"], lay["layers"][0]["ffn"]
+    hd = getattr(cfg, "head_dim", None) if lay["style"] == "vit" else None
+    hd = hd or cfg.hidden_size // cfg.num_attention_heads
+    return attn > 0 and attn == cfg.num_attention_heads * hd and ffn == cfg.intermediate_size
+
+
+def save_encoder(model: nn.Module, path: str) -> None:
+    """``save_pretrained`` (safetensors) + ``layout.json`` + the modeling file for remote-code loading."""
+    os.makedirs(path, exist_ok=True)
+    lay = _record_layout(model)
+    cls = type(model).__name__
+    auto = {"AutoModel": f"modeling_hawada.Hawada{cls}"}
+    for suffix, auto_cls in TASK_AUTO.items():
+        if cls.endswith(suffix):
+            # AutoModel also gives the whole task model: that is what the folder holds.
+            auto[auto_cls] = f"modeling_hawada.Hawada{cls}"
+    model.config.auto_map = auto
+    model.save_pretrained(path, safe_serialization=True)
+    shutil.copyfile(remote.__file__, os.path.join(path, REMOTE_FILE))
+    with open(os.path.join(path, "layout.json"), "w") as f:
+        json.dump({**lay, "stock_loadable": stock_loadable(model)}, f, indent=1)
+
+
+def load_encoder(path: str) -> nn.Module:
+    """Inverse of :func:`save_encoder`; returns an instance of the stock transformers class.
+
+    No remote code runs: the model is built by transformers' own ``from_pretrained`` (which also
+    maps checkpoint key names) through HawAda's copy of the slim subclass, whose only change is
+    to reshape the layers in ``__init__``; the instance is then given back its stock class.
+    """
+    with open(os.path.join(path, "layout.json")) as f:
+        lay = json.load(f)
+    name = lay.get("class", "")
+    slim_cls = getattr(remote, "Hawada" + name, None)
+    if slim_cls is None:
+        raise ValueError(f"{path}/layout.json names an unsupported transformers class {name!r}")
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    config.hawada_layout = {"style": lay["style"], "head_dim": lay["head_dim"], "layers": lay["layers"]}
+    model = slim_cls.from_pretrained(path, config=config, local_files_only=True)
+    model.__class__ = slim_cls.__mro__[1]  # the stock class: the subclass adds no state or methods
+    return model.eval()

@@ -1,0 +1,159 @@
+"""The docstring corpus, tokenisation, the text job's errors, and a smoke run of the MiniLM recipe
+with the real packaged weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import hawada
+from hawada.config import load_recipe
+from hawada.jobs.text_job import build_text_job, packaged_minilm_folder
+from hawada.text import (
+    TextBatches,
+    TextDataError,
+    Tokenized,
+    build_corpus,
+    check_tokenizer_folder,
+    passages,
+    split_of,
+)
+
+RECIPE = os.path.join(os.path.dirname(__file__), "..", "recipes", "cpu", "minilm-l6.yaml")
+
+
+def write_pkg(root, files: dict[str, str]) -> str:
+    for rel, src in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(src)
+    return str(root)
+
+
+def test_passages_split_long_docstrings_at_paragraphs() -> None:
+    doc = "\n\n".join(f"Paragraph {i} " + "word " * 40 for i in range(6))
+    ps = passages(doc, max_chars=300)
+    assert len(ps) >= 3
+    assert all(40 <= len(p) <= 300 for p in ps)
+    assert " ".join(ps).split() == doc.split()  # nothing lost, nothing invented
+    assert passages("too short") == []
+
+
+def test_corpus_is_split_by_module_and_deterministic(tmp_path) -> None:
+    files = {
+        f"pkg{i}/mod{j}.py": f'"""Module pkg{i}.mod{j} docstring that is long enough to be a passage."""\n'
+        f'def f():\n    """Function pkg{i}.mod{j} documentation, also long enough to count."""\n'
+        for i in range(6)
+        for j in range(5)
+    }
+    files["broken.py"] = "def (:\n"  # unparsable files are skipped
+    root = write_pkg(tmp_path, files)
+    a = build_corpus(max_chars=10**6, root=root)
+    b = build_corpus(max_chars=10**6, root=root)
+    assert a.splits == b.splits
+    assert sum(a.modules.values()) == 30
+    for split, ps in a.splits.items():
+        for p in ps:
+            mod = p.split()[1].rstrip(".")  # "pkg3.mod1" from the text itself
+            assert split_of(mod) == split
+    small = build_corpus(max_chars=1000, root=root)
+    assert sum(small.chars.values()) < sum(a.chars.values())
+
+
+def test_empty_corpus_and_missing_tokenizer_are_one_line_errors(tmp_path) -> None:
+    root = write_pkg(tmp_path / "src", {"a.py": "x = 1\n"})
+    with pytest.raises(TextDataError, match="no docstring passages"):
+        build_corpus(root=root)
+    empty = tmp_path / "model"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no tokenizer files") as e:
+        check_tokenizer_folder(str(empty))
+    assert "\n" not in str(e.value)
+
+
+def test_text_too_short_for_a_batch() -> None:
+    data = Tokenized(torch.ones(3, 8, dtype=torch.long), torch.ones(3, 8, dtype=torch.long))
+    with pytest.raises(TextDataError, match="text too short for one batch"):
+        TextBatches(data, batch_size=4)
+
+
+def test_batches_are_full_trimmed_and_cover_each_passage_once() -> None:
+    n, L = 37, 16
+    lengths = torch.randint(2, L + 1, (n,))
+    mask = (torch.arange(L).view(1, -1) < lengths.view(-1, 1)).long()
+    ids = torch.arange(n).view(-1, 1).expand(n, L).clone()
+    tb = TextBatches(Tokenized(ids, mask), batch_size=5, pool=3)
+    seen = []
+    for b in tb:
+        assert b["input_ids"].shape[0] == 5
+        assert b["attention_mask"].shape[1] == int(b["attention_mask"].sum(1).max())
+        seen += b["input_ids"][:, 0].tolist()
+    assert len(seen) == len(set(seen)) == 35
+
+
+def test_job_refuses_a_model_folder_without_tokenizer(tmp_path) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    src = packaged_minilm_folder()
+    shutil.copy(os.path.join(src, "config.json"), folder / "config.json")
+    r = load_recipe(RECIPE, [f"model.path={folder}"])
+    with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+        build_text_job(r, torch.device("cpu"))
+
+
+def test_minilm_recipe_smoke_run(tmp_path) -> None:
+    """A few steps of the real recipe on the packaged MiniLM weights, end to end."""
+    from hawada.pipeline import optimize
+
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    r = load_recipe(
+        RECIPE,
+        [
+            "data.max_chars=250000",
+            "data.seq_len=32",
+            "target.batch_size=4",
+            "train.steps=3",
+            "train.probe_every=3",
+            "train.target_ramp_steps=2",
+            "finetune.steps=2",
+            "finetune.eval_every=2",
+            "proxy.calib_points=2",
+            "measure.warmup=1",
+            "measure.min_repeats=2",
+            "measure.max_repeats=3",
+            "measure.budget_s=0.2",
+            "progress=false",
+            "threads=1",
+            f"output.dir={out}",
+        ],
+    )
+    report = optimize(r, log=lambda s: None)
+    assert set(report["agreement"]) == {"mean_cosine", "retrieval_top1", "retrieval_top10"}
+    assert 0.0 < report["agreement"]["mean_cosine"] <= 1.0 + 1e-6
+    assert report["family"] == "hf_encoder"
+    assert report["job"]["passages"]["train"] > 100
+    lay = report["layout"]["slim"]
+    assert len(lay["layers"]) == 6 and lay["head_dim"] == 32
+    for f in (
+        "report.json",
+        "metrics.jsonl",
+        "slim/model.safetensors",
+        "slim/layout.json",
+        "slim/tokenizer.json",
+    ):
+        assert (out / f).is_file(), f
+    with open(out / "report.json") as f:
+        assert json.load(f)["latency"]["base"]["shapes"] == [[4, 32], [4, 32]]
+    slim = hawada.load_slim(str(out / "slim"))
+    assert type(slim).__name__ == "BertModel"
+    x = {
+        "input_ids": torch.tensor([[101, 2023, 2003, 102]]),
+        "attention_mask": torch.ones(1, 4, dtype=torch.long),
+    }
+    with torch.no_grad():
+        assert slim(**x).last_hidden_state.shape == (1, 4, 384)
