@@ -22,7 +22,7 @@ $(STAMP): requirements-dev.txt pyproject.toml setup.py
 	touch $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/hawada optimize recipes/cpu/resnet18_digits.yaml --set output.overwrite=true
+	HF_HUB_OFFLINE=1 $(BIN)/hawada optimize recipes/cpu/minilm-l6.yaml --set output.overwrite=true
 
 $(EXT_STAMP): $(STAMP) $(EXT_SRC) setup.py
 	HAWADA_BUILD_EXT=1 HAWADA_BUILD_CUDA=0 $(BIN)/python setup.py -q build_ext --inplace
