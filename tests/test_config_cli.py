@@ -21,7 +21,7 @@ def write(tmp_path, data, name="r.yaml"):
 def test_defaults_and_shipped_recipes_validate():
     r = recipe_from_dict({})
     assert r.model.family == "resnet" and r.target.ratio == 0.5
-    for sub in ("cpu", "H100"):
+    for sub in ("cpu", "H100", "H200"):
         d = os.path.join(ROOT, "recipes", sub)
         for f in sorted(os.listdir(d)):
             load_recipe(os.path.join(d, f))

@@ -279,8 +279,9 @@ def test_export_fails_loudly_when_slim_differs() -> None:
 
     def broken(gm, keep):
         slim = real(gm, keep)
-        with torch.no_grad():
-            slim.encoder.layer[2].output.dense.bias.add_(torch.randn(HIDDEN))
+        old = slim.encoder.layer[2].output.dense
+        # a new, untrained projection (not one the batched slicing fills in later)
+        slim.encoder.layer[2].output.dense = torch.nn.Linear(old.in_features, old.out_features)
         return slim
 
     ad.export_pruned = broken
