@@ -2,7 +2,7 @@
 
 Objective per step (one forward/backward by default)::
 
-    L = KD(student, teacher) + penalties(gates) + lambda * (proxy_ms - target_ms) / target_ms
+    L = KD(student, teacher) + penalties(gates) + lambda * relu(proxy_ms - target_ms) / target_ms
 
 Penalties and the latency term depend only on the gate logits, so the weights' gradient of L
 is exactly the KD gradient and one backward serves both optimizers. ``alternating=True``
@@ -215,7 +215,11 @@ class LagrangeTrainer:
     def _gate_terms(self, target: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pen = combined_penalty(self.store, self.cfg.penalties)
         proxy_ms = self.proxy(self.store.expected_units())
-        lat = self.lam * (proxy_ms - target) / target
+        # A hinge, not the signed violation: Adam's step on the logits does not shrink with lambda,
+        # so a signed term keeps closing gates after the target is met (runs overshoot it by 2x and
+        # more). Below the target only distillation moves the gates (back open); lambda itself
+        # still follows the signed violation.
+        lat = self.lam * torch.relu(proxy_ms - target) / target
         return pen, lat, proxy_ms
 
     def _backward(self, loss: torch.Tensor) -> bool:
