@@ -26,7 +26,7 @@ import os
 import time
 
 import torch
-from common import summarize_samples, write_result
+from common import interleaved, summarize_samples, write_result
 
 from hawada import _ext
 from hawada.core.export import slice_tensor
@@ -118,25 +118,10 @@ def measure(name: str, jobs: list[tuple], rounds: int, repeats: int) -> dict:
     ref_out = slice_many_ref(srcs, rows, cols)
     exact = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(check, ref_out))
     del check, ref_out
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for f in fns.values():
-        f()  # warm-up: first touch of every destination page
-    for _ in range(rounds):
-        for k, f in fns.items():
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                f()
-                samples[k].append((time.perf_counter() - t0) * 1e3)
-    res = {}
-    for k, xs in samples.items():
-        s = summarize_samples(xs)
-        res[k] = {
-            "median_ms": s["median_ms"],
-            "p20_ms": s["p20_ms"],
-            "p80_ms": s["p80_ms"],
-            "n": len(xs),
-            "GBps": nbytes / (s["median_ms"] * 1e-3) / 1e9,
-        }
+    # one warm-up call each: first touch of every destination page
+    res = interleaved(fns, rounds=rounds, repeats=repeats, warmup=1)
+    for r in res.values():
+        r["GBps"] = nbytes / (r["median_ms"] * 1e-3) / 1e9
     lim = res["copy_limit"]["median_ms"]
     for k in res:
         res[k]["fraction_of_copy_limit"] = lim / res[k]["median_ms"]
