@@ -73,6 +73,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     else:
         recipe = load_recipe(args.recipe, args.overrides)
     report = optimize(recipe, log=lambda s: print(s, flush=True), resume=args.resume is not None)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 alone speaks
+        return 0
     print(format_report(report))
     print(f"report: {os.path.join(report['output_dir'], 'report.json')}")
     return 0

@@ -149,6 +149,10 @@ class LMBatches:
     def __len__(self) -> int:
         return max(1, self.sequences.shape[0] // self.batch_size)
 
+    def set_epoch(self, epoch: int) -> None:
+        """The next pass yields epoch ``epoch``'s order (a function of seed and epoch alone)."""
+        self._epoch = epoch
+
     def __iter__(self):
         n = self.sequences.shape[0]
         if self.shuffle:

@@ -24,6 +24,17 @@ from hawada.config import Recipe, recipe_from_dict
 from hawada.core.calibrate import calibration_logits, measure_subarchs
 from hawada.core.checkpoint import atomic_write_bytes, has_checkpoint, load_checkpoint, save_checkpoint
 from hawada.core.distill import KDConfig
+from hawada.core.distributed import (
+    SINGLE,
+    DistEnv,
+    ShardedBatches,
+    barrier,
+    broadcast_tensors,
+    init_from_env,
+    local_device,
+    on_main,
+    shutdown,
+)
 from hawada.core.export import ExportPolicy, export, param_count, store_of
 from hawada.core.finetune import FinetuneConfig, finetune_student
 from hawada.core.gates import GateConfig, PenaltyWeights
@@ -123,16 +134,32 @@ class MetricsLog:
 
     def write(self, phase: str, rec: dict) -> None:
         self.f.write(self._line({"phase": phase, **rec}))
-        self.f.flush()
+        self.flush()
         if self.tb is not None:
             for k, v in rec.items():
                 if isinstance(v, int | float) and not isinstance(v, bool) and k != "step":
                     self.tb.add_scalar(f"{phase}/{k}", v, rec.get("step", 0))
 
+    def flush(self) -> None:
+        self.f.flush()
+
     def close(self) -> None:
         self.f.close()
         if self.tb is not None:
             self.tb.close()
+
+
+class _NoLog:
+    """The metrics log of ranks other than 0 (rank 0 alone writes files)."""
+
+    def write(self, phase: str, rec: dict) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass
@@ -279,13 +306,22 @@ def optimize(recipe: Recipe, log: Callable[[str], None] = print, resume: bool = 
     ``resume=True`` continues from there (the measurements and teacher of the first start
     are reused, gate training continues exactly, later phases re-run). A run that fails
     before its first checkpoint leaves nothing behind.
+
+    Launched by ``torchrun`` with several processes, gate training and fine-tuning run
+    data-parallel (see :mod:`hawada.core.distributed`); rank 0 alone measures latency and
+    writes files, and every rank returns the same report.
     """
+    env = init_from_env(recipe.device)
+    if not env.is_main:
+        log = _quiet
     paths = RunPaths.of(recipe.output.dir)
-    check_output_dir(recipe)
-    if resume:
-        if not os.path.isdir(paths.state):
-            raise FileNotFoundError(f"no unfinished run at {paths.out} (looked for {paths.state})")
-    else:
+
+    def prepare() -> None:
+        check_output_dir(recipe)
+        if resume:
+            if not os.path.isdir(paths.state):
+                raise FileNotFoundError(f"no unfinished run at {paths.out} (looked for {paths.state})")
+            return
         if os.path.exists(paths.partial):
             if not recipe.output.overwrite:
                 raise OutputError(
@@ -295,17 +331,28 @@ def optimize(recipe: Recipe, log: Callable[[str], None] = print, resume: bool = 
             shutil.rmtree(paths.partial)
         os.makedirs(paths.state)
         atomic_write_bytes(os.path.join(paths.state, "recipe.json"), json.dumps(recipe.to_dict()).encode())
+
     was_det = torch.are_deterministic_algorithms_enabled()
-    if recipe.deterministic:
-        torch.use_deterministic_algorithms(True)
     try:
-        return _optimize(recipe, paths, log, resume)
-    except BaseException:
-        if not resume and not has_checkpoint(paths.checkpoints):
-            shutil.rmtree(paths.partial, ignore_errors=True)
-        raise
+        on_main(env, prepare)
+        if recipe.deterministic:
+            torch.use_deterministic_algorithms(True)
+        try:
+            report = _optimize(recipe, paths, log, resume, env)
+            barrier(env)  # every rank is done before the group goes (gloo aborts on a racing teardown)
+            return report
+        except BaseException:
+            if env.is_main and not resume and not has_checkpoint(paths.checkpoints):
+                shutil.rmtree(paths.partial, ignore_errors=True)
+            raise
+        finally:
+            torch.use_deterministic_algorithms(was_det)
     finally:
-        torch.use_deterministic_algorithms(was_det)
+        shutdown(env)
+
+
+def _quiet(msg: str) -> None:
+    """The log of ranks other than 0: they print nothing."""
 
 
 def _setup_tensors(teacher: nn.Module | None, proxy: LatencyProxy, calib: list) -> dict[str, torch.Tensor]:
@@ -338,7 +385,9 @@ class _SignalFlag:
             signal.signal(s, h)
 
 
-def _optimize(recipe: Recipe, paths: RunPaths, log: Callable[[str], None], resume: bool) -> dict:
+def _optimize(
+    recipe: Recipe, paths: RunPaths, log: Callable[[str], None], resume: bool, env: DistEnv = SINGLE
+) -> dict:
     t_start = time.perf_counter()
     out_dir = paths.out
     have_setup = resume and has_checkpoint(paths.setup)
@@ -349,7 +398,7 @@ def _optimize(recipe: Recipe, paths: RunPaths, log: Callable[[str], None], resum
         setup_t, setup, _ = load_checkpoint(paths.setup)
         if any(k.startswith("teacher.") for k in setup_t):  # trained in the first start: reuse it
             recipe = dataclasses.replace(recipe, teacher=dataclasses.replace(recipe.teacher, epochs=0))
-    device = torch.device(recipe.device)
+    device = local_device(recipe.device, env)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: cuda was asked for but no CUDA device is available")
     if recipe.threads:
@@ -366,22 +415,23 @@ def _optimize(recipe: Recipe, paths: RunPaths, log: Callable[[str], None], resum
         teacher.load_state_dict(
             {k[8:]: v for k, v in setup_t.items() if k.startswith("teacher.")}, strict=True
         )
+    if env.enabled:  # e.g. a teacher the recipe trained: every rank starts from rank 0's
+        broadcast_tensors(teacher.state_dict().values(), env)
 
     student = copy.deepcopy(teacher)
     adapter.attach(student, gate_config(recipe))
     store = store_of(student)
     log(f"gates: {len(store)} in {store.num_segments} segments")
 
-    if have_setup:
-        base_ms, min_ms, target_ms = setup["base_ms"], setup["min_ms"], setup["target_ms"]
-        proxy = LatencyProxy(store, adapter.cost_terms(student, lat_in), mode=recipe.proxy.mode).to(device)
-        proxy.load_state_dict({k[6:]: v for k, v in setup_t.items() if k.startswith("proxy.")}, strict=True)
-        proxy.calibration = setup["proxy_calibration"]
-        proxy.table_measured = setup["proxy_table_measured"]
-        calib = [(setup_t[f"calib.{i}"], ms) for i, ms in enumerate(setup["calib_ms"])]
-        fit = {"mape": setup["initial_fit_mape"]}
-        log(f"resuming {paths.partial}: measurements of the first start reused (target {target_ms:.2f} ms)")
-    else:
+    def proxy_from(st: dict, st_t: dict[str, torch.Tensor]) -> tuple[LatencyProxy, list]:
+        """The proxy and calibration points recorded in a setup (measured once, by rank 0)."""
+        px = LatencyProxy(store, adapter.cost_terms(student, lat_in), mode=recipe.proxy.mode).to(device)
+        px.load_state_dict({k[6:]: v for k, v in st_t.items() if k.startswith("proxy.")}, strict=True)
+        px.calibration = st["proxy_calibration"]
+        px.table_measured = st["proxy_table_measured"]
+        return px, [(st_t[f"calib.{i}"], ms) for i, ms in enumerate(st["calib_ms"])]
+
+    def measure_setup() -> tuple[dict, dict[str, torch.Tensor]]:
         # -- how fast can it get? (measured, every segment at its minimum)
         saved = store.logits.detach().clone()
         base_ms = meter(teacher).median_ms
@@ -415,20 +465,29 @@ def _optimize(recipe: Recipe, paths: RunPaths, log: Callable[[str], None], resum
         )
         fit = proxy.calibrate([w for w, _ in calib], [m for _, m in calib])
         log(f"proxy calibrated on {len(calib)} measured sub-architectures: MAPE {fit['mape']:.1f}%")
+        st = {
+            "base_ms": base_ms,
+            "min_ms": min_ms,
+            "target_ms": target_ms,
+            "initial_fit_mape": fit["mape"],
+            "calib_ms": [float(m) for _, m in calib],
+            "proxy_calibration": proxy.calibration,
+            "proxy_table_measured": bool(getattr(proxy, "table_measured", False)),
+        }
         save_checkpoint(
-            paths.setup,
-            0,
-            _setup_tensors(teacher if recipe.model.path is None else None, proxy, calib),
-            {
-                "base_ms": base_ms,
-                "min_ms": min_ms,
-                "target_ms": target_ms,
-                "initial_fit_mape": fit["mape"],
-                "calib_ms": [float(m) for _, m in calib],
-                "proxy_calibration": proxy.calibration,
-                "proxy_table_measured": bool(getattr(proxy, "table_measured", False)),
-            },
+            paths.setup, 0, _setup_tensors(teacher if recipe.model.path is None else None, proxy, calib), st
         )
+        return st, {k: v.detach().cpu() for k, v in _setup_tensors(None, proxy, calib).items()}
+
+    if have_setup:
+        log(
+            f"resuming {paths.partial}: measurements of the first start reused (target {setup['target_ms']:.2f} ms)"
+        )
+    else:  # measured by rank 0 alone (the other ranks wait: nothing else runs while it times)
+        setup, setup_t = on_main(env, measure_setup)
+    min_ms, target_ms = setup["min_ms"], setup["target_ms"]
+    proxy, calib = proxy_from(setup, setup_t)
+    fit = {"mape": setup["initial_fit_mape"]}
 
     # -- gate training
     tr = recipe.train
@@ -455,19 +514,28 @@ def _optimize(recipe: Recipe, paths: RunPaths, log: Callable[[str], None], resum
         ),
     )
     probe = make_latency_probe(student, meter)
-    trainer = LagrangeTrainer(student, teacher, proxy, target_ms, cfg, probe=probe, calibration=calib)
+    trainer = LagrangeTrainer(
+        student, teacher, proxy, target_ms, cfg, probe=probe, calibration=calib, env=env
+    )
+    train_loader = ShardedBatches(job.train_loader, env) if env.enabled else job.train_loader
     seed_everything(recipe.seed)  # the gate phase starts from a state set by the seed alone
     if resume and has_checkpoint(paths.checkpoints):
         ck_t, ck, ck_path = load_checkpoint(paths.checkpoints)
         trainer.load_state(ck_t, ck)
         log(f"resuming gate training after step {trainer.step_idx} from {ck_path}")
-    mlog = MetricsLog(
-        os.path.join(paths.partial, "metrics.jsonl"),
-        trainer.history,
-        os.path.join(paths.partial, "tensorboard"),
+    mlog: MetricsLog | _NoLog = (
+        MetricsLog(
+            os.path.join(paths.partial, "metrics.jsonl"),
+            trainer.history,
+            os.path.join(paths.partial, "tensorboard"),
+        )
+        if env.is_main
+        else _NoLog()
     )
 
     def write_checkpoint(t: LagrangeTrainer) -> str:
+        if not env.is_main:  # every rank holds the same state: rank 0 writes it
+            return ""
         tensors, js = t.state()
         return save_checkpoint(paths.checkpoints, t.step_idx, tensors, js)
 
@@ -475,7 +543,7 @@ def _optimize(recipe: Recipe, paths: RunPaths, log: Callable[[str], None], resum
         with _SignalFlag() as flag:
             try:
                 history = trainer.fit(
-                    job.train_loader,
+                    train_loader,
                     on_step=lambda rec: mlog.write("gates", rec),
                     checkpoint=write_checkpoint,
                     should_stop=lambda: flag.signum is not None,
@@ -484,13 +552,16 @@ def _optimize(recipe: Recipe, paths: RunPaths, log: Callable[[str], None], resum
                 assert flag.signum is not None
                 raise RunInterrupted(flag.signum, e.step, paths.out) from None
     finally:
-        mlog.f.flush()
+        mlog.flush()
     if not history or "real_ms" not in history[-1]:
         history[-1].update(trainer.probe_now())
 
     # -- rounding chosen by measured latency, then export
     student.eval()
-    search = grid_search_latency(student, target_ms, meter, recipe.search.multiples, recipe.search.modes)
+    search = on_main(
+        env,
+        lambda: grid_search_latency(student, target_ms, meter, recipe.search.multiples, recipe.search.modes),
+    )
     log(
         f"search: {len(search.trials)} exports measured; chose multiple={search.best['multiple']} "
         f"mode={search.best['mode']} ({search.best['median_ms']:.2f} ms)"
@@ -514,70 +585,81 @@ def _optimize(recipe: Recipe, paths: RunPaths, log: Callable[[str], None], resum
         slim,
         teacher,
         adapter,
-        job.train_loader,
+        train_loader,
         fcfg,
         kd_config(recipe),
         evaluate=lambda m: job.evaluate(teacher, m, "val")[job.score_key],
+        env=env,
     )
 
-    # -- honest report: both latencies measured in this run, interleaved
-    t_base, t_slim = measure_pair(teacher, slim, meter)
-    metrics = job.evaluate(teacher, slim, "test")
-    report = {
-        "name": recipe.name,
-        "family": adapter.family,
-        "device": dev,
-        "latency": {
-            "base": t_base.to_dict(),
-            "slim": t_slim.to_dict(),
-            "speedup": t_base.median_ms / t_slim.median_ms,
-            "target_ms": target_ms,
-            "min_allowed_ms": min_ms,
-        },
-        "params": {
-            "base": param_count(teacher),
-            "slim": param_count(slim),
-            "ratio": param_count(slim) / param_count(teacher),
-        },
-        "agreement": metrics,
-        "layout": {"base": adapter.layout(teacher), "slim": adapter.layout(slim)},
-        "search": {"chosen": search.best, "met_target": search.met_target, "trials": search.trials},
-        "proxy": {
-            "mode": proxy.mode,
-            "coef": proxy.coef.tolist(),
-            "calibration": proxy.calibration,
-            "initial_fit_mape": fit["mape"],
-        },
-        "train": {"steps": cfg.steps, "seconds": getattr(trainer, "seconds", None)},
-        "job": job.info,
-        "versions": environment_info(),
-        "recipe": recipe_dict,
-        "wall_seconds": time.perf_counter() - t_start,
-    }
-    tmp = paths.partial
-    for rec in ft_hist:
-        mlog.write("finetune", rec)
-    mlog.close()
-    for name in ("slim", "report.png", "report.json"):  # leftovers of an earlier, interrupted finish
-        p = os.path.join(tmp, name)
-        if os.path.isdir(p):
-            shutil.rmtree(p)
-        elif os.path.exists(p):
-            os.remove(p)
-    job.save(slim, os.path.join(tmp, "slim"))
-    if recipe.output.plot:
-        from hawada.report import plot_run
+    # -- honest report: both latencies measured in this run, interleaved (rank 0 measures,
+    # evaluates and writes; every rank returns the report)
+    def finish() -> dict:
+        t_base, t_slim = measure_pair(teacher, slim, meter)
+        metrics = job.evaluate(teacher, slim, "test")
+        report = {
+            "name": recipe.name,
+            "family": adapter.family,
+            "device": dev,
+            "latency": {
+                "base": t_base.to_dict(),
+                "slim": t_slim.to_dict(),
+                "speedup": t_base.median_ms / t_slim.median_ms,
+                "target_ms": target_ms,
+                "min_allowed_ms": min_ms,
+            },
+            "params": {
+                "base": param_count(teacher),
+                "slim": param_count(slim),
+                "ratio": param_count(slim) / param_count(teacher),
+            },
+            "agreement": metrics,
+            "layout": {"base": adapter.layout(teacher), "slim": adapter.layout(slim)},
+            "search": {"chosen": search.best, "met_target": search.met_target, "trials": search.trials},
+            "proxy": {
+                "mode": proxy.mode,
+                "coef": proxy.coef.tolist(),
+                "calibration": proxy.calibration,
+                "initial_fit_mape": fit["mape"],
+            },
+            "train": {"steps": cfg.steps, "seconds": getattr(trainer, "seconds", None)},
+            "distributed": {**env.to_dict(), "replica_checks": trainer.replica_checks},
+            "job": job.info,
+            "versions": environment_info(),
+            "recipe": recipe_dict,
+            "wall_seconds": time.perf_counter() - t_start,
+        }
+        tmp = paths.partial
+        for rec in ft_hist:
+            mlog.write("finetune", rec)
+        mlog.close()
+        for name in ("slim", "report.png", "report.json"):  # leftovers of an earlier, interrupted finish
+            p = os.path.join(tmp, name)
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            elif os.path.exists(p):
+                os.remove(p)
+        job.save(slim, os.path.join(tmp, "slim"))
+        if recipe.output.plot:
+            from hawada.report import plot_run
 
-        plot_run(report, history, os.path.join(tmp, "report.png"))
-    with open(os.path.join(tmp, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    # complete: the resumable state goes, the folder takes its final name
-    if not recipe.output.keep_state:
-        shutil.rmtree(paths.state)
-    if os.path.isdir(os.path.join(tmp, "tensorboard")) and not os.listdir(os.path.join(tmp, "tensorboard")):
-        os.rmdir(os.path.join(tmp, "tensorboard"))
-    if os.path.isdir(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    report["output_dir"] = out_dir
+            plot_run(report, history, os.path.join(tmp, "report.png"))
+        with open(os.path.join(tmp, "report.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        # complete: the resumable state goes, the folder takes its final name
+        if not recipe.output.keep_state:
+            shutil.rmtree(paths.state)
+        if os.path.isdir(os.path.join(tmp, "tensorboard")) and not os.listdir(
+            os.path.join(tmp, "tensorboard")
+        ):
+            os.rmdir(os.path.join(tmp, "tensorboard"))
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+        report["output_dir"] = out_dir
+        return report
+
+    report = on_main(env, finish)
+    if not env.is_main:
+        mlog.close()
     return report

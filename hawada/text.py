@@ -214,21 +214,27 @@ class TextBatches:
                 f"text too short for one batch: {len(data)} training passages < batch size {batch_size}"
             )
         self.data, self.batch_size, self.shuffle, self.pool = data, batch_size, shuffle, pool
-        self.gen = torch.Generator().manual_seed(seed)
+        self.seed, self.epoch = seed, 0
         self.lengths = data.attention_mask.sum(1)
 
     def __len__(self) -> int:
         return len(self.data) // self.batch_size
 
+    def set_epoch(self, epoch: int) -> None:
+        """The next pass yields epoch ``epoch``'s order (a function of seed and epoch alone)."""
+        self.epoch = epoch
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         n, bs = len(self.data), self.batch_size
-        order = torch.randperm(n, generator=self.gen) if self.shuffle else torch.arange(n)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        self.epoch += 1
+        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
         order = order[: len(self) * bs]
         batches = []
         for start in range(0, order.numel(), bs * self.pool):
             chunk = order[start : start + bs * self.pool]
             chunk = chunk[torch.sort(self.lengths[chunk], stable=True).indices]
             batches.extend(chunk[j : j + bs] for j in range(0, chunk.numel(), bs))
-        perm = torch.randperm(len(batches), generator=self.gen) if self.shuffle else range(len(batches))
+        perm = torch.randperm(len(batches), generator=gen) if self.shuffle else range(len(batches))
         for j in perm:
             yield self.data.batch(batches[int(j)])

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from hawada.core.distill import KDConfig, distill_loss
+from hawada.core.distributed import SINGLE, DistEnv, data_parallel, on_main
 from hawada.core.train import cycle, to_device
 
 
@@ -78,12 +79,15 @@ def finetune_student(
     cfg: FinetuneConfig | None = None,
     kd: KDConfig | None = None,
     evaluate: Callable[[nn.Module], float] | None = None,
+    env: DistEnv = SINGLE,
 ) -> tuple[nn.Module, list[dict]]:
     """KD fine-tune ``student`` in place against ``teacher``; returns (best model, history).
 
     ``evaluate(model) -> score`` (higher is better) runs every ``cfg.eval_every`` steps and
     at the end; the best-scoring weights are kept. BatchNorm statistics are recalibrated on
-    the training data before training and before each evaluation.
+    the training data before training and before each evaluation. Data-parallel (``env``):
+    ``loader`` yields this rank's slice of each batch, DDP averages the gradients, and the
+    evaluation runs on rank 0 with its score broadcast (every rank keeps the same weights).
     """
     cfg, kd = cfg or FinetuneConfig(), kd or KDConfig()
     device = next(student.parameters()).device
@@ -100,7 +104,7 @@ def finetune_student(
         nonlocal best_score, best_state
         if evaluate is None:
             return
-        score = float(evaluate(student))
+        score = float(on_main(env, lambda: evaluate(student)))
         hist.append({"step": step, "eval": score})
         if score > best_score:
             best_score, best_state = score, copy.deepcopy(student.state_dict())
@@ -111,9 +115,10 @@ def finetune_student(
             [p for p in student.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.steps))
+        fwd = data_parallel(student, adapter.output, env)
         it = cycle(loader)
         bar = None
-        if cfg.progress:
+        if cfg.progress and env.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.steps, desc="finetune", dynamic_ncols=True)
@@ -122,9 +127,7 @@ def finetune_student(
             batch = to_device(next(it), device)
             with torch.inference_mode():
                 t_out = adapter.output(teacher, batch)
-            loss = distill_loss(
-                adapter.output(student, batch), t_out.clone(), kd, adapter.kd_kind, adapter.kd_mask(batch)
-            )
+            loss = distill_loss(fwd(batch), t_out.clone(), kd, adapter.kd_kind, adapter.kd_mask(batch))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:

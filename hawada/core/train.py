@@ -22,6 +22,17 @@ import torch
 from torch import nn
 
 from hawada.core.distill import KDConfig, distill_loss
+from hawada.core.distributed import (
+    SINGLE,
+    DistEnv,
+    any_rank,
+    broadcast_object,
+    broadcast_tensors,
+    check_replicated,
+    data_parallel,
+    mean_over_ranks,
+    on_main,
+)
 from hawada.core.export import ExportPolicy, adapter_of, export, store_of
 from hawada.core.gates import PenaltyWeights, combined_penalty, project_gates_into_constraints
 from hawada.core.profiler import Meter
@@ -83,11 +94,19 @@ def reseed_loader(loader: Iterable, seed: int, epoch: int) -> None:
     """Make a shuffling DataLoader's order for ``epoch`` depend on (seed, epoch) only.
 
     The sampler's generator is reseeded (created when it has none); samplers with
-    ``set_epoch`` (e.g. DistributedSampler) are told the epoch. Other iterables are left as is.
+    ``set_epoch`` (e.g. DistributedSampler) are told the epoch, and so are other iterables
+    with a ``set_epoch`` method (they derive their order from their own seed and the epoch).
+    A :class:`~hawada.core.distributed.ShardedBatches` passes it on to the loader it wraps.
     """
     from torch.utils.data import DataLoader, RandomSampler
 
+    from hawada.core.distributed import ShardedBatches
+
+    if isinstance(loader, ShardedBatches):
+        loader = loader.loader
     if not isinstance(loader, DataLoader):
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
         return
     s = loader.sampler
     if hasattr(s, "set_epoch"):
@@ -135,6 +154,11 @@ def make_latency_probe(gated: nn.Module, meter: Meter) -> Callable[[], dict]:
 class LagrangeTrainer:
     """Trains a gated student (weights + gates) against a frozen teacher under a latency target.
 
+    Data-parallel (``env.world`` > 1): every rank passes its slice of the global batch, DDP
+    averages the gradients of weights and gate logits, probes run on rank 0 and are broadcast,
+    and after every step the gate logits, lambda and the proxy are checked to be identical on
+    all ranks (:class:`~hawada.core.distributed.ReplicaMismatch` otherwise).
+
     Args:
         student: a model returned by ``hawada.attach``.
         teacher: the unpruned model (kept in eval / inference mode).
@@ -143,6 +167,7 @@ class LagrangeTrainer:
         probe: optional closure returning a measured latency dict of the current keep set;
             called every ``cfg.probe_every`` steps, and the proxy is recalibrated on it.
         calibration: the (widths, ms) points the proxy was fitted on; probes are appended.
+        env: the data-parallel job this process belongs to (default: a single process).
     """
 
     def __init__(
@@ -154,8 +179,10 @@ class LagrangeTrainer:
         cfg: TrainConfig | None = None,
         probe: Callable[[], dict] | None = None,
         calibration: list | None = None,
+        env: DistEnv = SINGLE,
     ) -> None:
         self.cfg = cfg or TrainConfig()
+        self.env = env
         self.student, self.teacher, self.proxy = student, teacher, proxy
         self.adapter, self.store = adapter_of(student), store_of(student)
         if not target_ms > 0:
@@ -171,6 +198,9 @@ class LagrangeTrainer:
             else None
         )
         self.opt_g = torch.optim.Adam([self.store.logits], lr=self.cfg.lr_gates)
+        # the student's forward as one module (DDP-wrapped when data-parallel)
+        self.student_fwd = data_parallel(student, self.adapter.output, env)
+        self.replica_checks = 0
         self.lam = torch.zeros((), device=self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.cfg.amp == "fp16")
         with torch.no_grad():
@@ -209,7 +239,7 @@ class LagrangeTrainer:
             t_out = self.adapter.output(self.teacher, batch)
         t_out = t_out.clone()  # a normal tensor, usable by autograd
         with self._autocast():
-            s_out = self.adapter.output(self.student, batch)
+            s_out = self.student_fwd(batch)
         return distill_loss(s_out, t_out, self.cfg.kd, self.adapter.kd_kind, self.adapter.kd_mask(batch))
 
     def _gate_terms(self, target: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -226,7 +256,14 @@ class LagrangeTrainer:
         """Backward of a finite ``loss``; False (and no gradients kept) when the loss or a
         gradient is not finite. With fp16 loss scaling the scaler's own inf check handles
         overflowing gradients, so only the loss is checked then."""
-        if not bool(torch.isfinite(loss.detach()).all()):
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if self.env.enabled:
+            # one decision for all ranks; a skipped step still runs DDP's backward (the
+            # gradients are discarded) so that its pending all-reduce completes everywhere
+            if any_rank(not finite, self.env):
+                (loss * 0.0).backward()
+                return False
+        elif not finite:
             return False
         self.scaler.scale(loss).backward()
         if self.scaler.is_enabled():
@@ -296,10 +333,11 @@ class LagrangeTrainer:
             self.bad_total += 1
             self.bad_in_row += 1
         self.step_idx += 1
+        self.check_replicas()
         opened = self.store.open_units()  # [S]
         rec = {
             "step": self.step_idx,
-            "kd": float(kd.detach()),
+            "kd": mean_over_ranks(float(kd.detach()), self.env),  # the global batch's KD
             "penalty": float(pen.detach()),
             "lambda": float(self.lam),
             "proxy_ms": float(proxy_ms.detach()),
@@ -317,12 +355,29 @@ class LagrangeTrainer:
         return rec
 
     def probe_now(self) -> dict:
-        """Measure the current hard keep set and recalibrate the proxy on it."""
+        """Measure the current hard keep set and recalibrate the proxy on it.
+
+        Data-parallel: rank 0 measures (the others wait, so nothing else runs on the machine),
+        every rank refits on the broadcast value, and rank 0's fit is broadcast so the proxy
+        stays bitwise identical.
+        """
         assert self.probe is not None
-        res = self.probe()
+        res = on_main(self.env, self.probe)
         self.last_real_ms = res["median_ms"]
         fit = self.proxy.add_point_and_refit(self.store.open_units(), res["median_ms"], self.calibration)
+        if self.env.enabled:
+            broadcast_tensors(self.proxy.state_dict().values(), self.env)
+            self.proxy.calibration, fit = broadcast_object((self.proxy.calibration, fit), self.env)
         return {"real_ms": res["median_ms"], "real_spread_ms": res["spread_ms"], "proxy_mape": fit["mape"]}
+
+    def check_replicas(self) -> None:
+        """Gate logits, lambda and the proxy must be identical on every rank (no-op alone)."""
+        if not self.env.enabled:
+            return
+        named = {"gate logits": self.store.logits, "lambda": self.lam}
+        named.update({f"proxy {k}": v for k, v in self.proxy.state_dict().items() if v.is_floating_point()})
+        check_replicated(named, self.env, f"after gate step {self.step_idx}")
+        self.replica_checks += 1
 
     # ------------------------------------------------------------------ state
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -413,7 +468,7 @@ class LagrangeTrainer:
 
         cfg = self.cfg
         bar = None
-        if cfg.progress:
+        if cfg.progress and self.env.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.steps, initial=self.step_idx, desc="gates", dynamic_ncols=True)
@@ -454,7 +509,7 @@ class LagrangeTrainer:
                         f"train: {self.bad_in_row} non-finite steps in a row (loss or gradient), "
                         f"the last at step {rec['step']}{where}"
                     )
-                stop = should_stop is not None and should_stop()
+                stop = should_stop is not None and any_rank(should_stop(), self.env)
                 every = cfg.checkpoint_every > 0 and self.step_idx % cfg.checkpoint_every == 0
                 path = None
                 if checkpoint is not None and (stop or every):

@@ -1,0 +1,132 @@
+"""Run by ``torchrun`` from tests/test_distributed.py: one scenario per call, each rank writes
+``<out>/rank<r>.json`` with what it saw (the test compares the ranks' files).
+
+    torchrun --standalone --nproc_per_node 2 tests/dist_worker.py SCENARIO OUT_DIR
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import hawada  # noqa: E402
+from hawada.adapters.base import get_adapter  # noqa: E402
+from hawada.core.calibrate import calibration_logits  # noqa: E402
+from hawada.core.distributed import (  # noqa: E402
+    ReplicaMismatch,
+    ShardedBatches,
+    any_rank,
+    barrier,
+    broadcast_object,
+    check_replicated,
+    init_from_env,
+    on_main,
+    shutdown,
+)
+from hawada.core.proxy_cost import LatencyProxy  # noqa: E402
+from hawada.core.train import LagrangeTrainer, TrainConfig, reseed_loader  # noqa: E402
+from tests.helpers import tiny_resnet  # noqa: E402
+
+
+def gather(x: torch.Tensor, world: int) -> list[torch.Tensor]:
+    out = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(out, x.contiguous())
+    return out
+
+
+def collectives(env) -> dict:
+    res: dict = {"rank": env.rank, "world": env.world, "backend": env.backend}
+    res["broadcast"] = broadcast_object({"from": env.rank}, env)
+    res["any_rank_1"] = any_rank(env.rank == 1, env)
+    res["any_none"] = any_rank(False, env)
+
+    def boom() -> int:
+        raise ValueError("target latency 1 ms is below the fastest allowed keep set")
+
+    try:
+        on_main(env, boom)
+        res["on_main_error"] = None
+    except ValueError as e:
+        res["on_main_error"] = str(e)
+    res["on_main_value"] = on_main(env, lambda: 41 + env.rank)
+
+    same = torch.arange(5.0)
+    res["identical_ok"] = check_replicated({"w": same}, env) == 0.0
+    try:
+        check_replicated(
+            {"w": same, "gate logits": torch.tensor([0.5, float(env.rank)])}, env, "after step 3"
+        )
+        res["mismatch"] = None
+    except ReplicaMismatch as e:
+        res["mismatch"] = str(e)
+
+    # a DataLoader: each rank loads only its rows; the ranks' rows together = the global batch
+    ds = TensorDataset(torch.arange(24))
+    full = DataLoader(ds, batch_size=4, shuffle=True, drop_last=True)
+    sharded = ShardedBatches(DataLoader(ds, batch_size=4, shuffle=True, drop_last=True), env)
+    reseed_loader(full, 7, 2)
+    reseed_loader(sharded, 7, 2)
+    ok = True
+    for (g,), (mine,) in zip(full, sharded, strict=True):
+        parts = gather(mine, env.world)
+        ok = ok and torch.equal(torch.cat(parts), g)
+    res["loader_shards_cover_global_batches"] = ok
+    return res
+
+
+def trainer_nan(env) -> dict:
+    """Rank 1's half of the second global batch is NaN: every rank skips that step together."""
+    torch.manual_seed(0)
+    teacher = tiny_resnet()
+    student = hawada.attach(copy.deepcopy(teacher), hawada.GateConfig(mode="hard_concrete"))
+    store = hawada.gates(student)
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    proxy = LatencyProxy(store, get_adapter("resnet").cost_terms(student, x), mode="analytic")
+    widths = []
+    for lg in calibration_logits(student, 3, 0):
+        with torch.no_grad():
+            store.logits.copy_(lg)
+        widths.append(store.open_units())
+    with torch.no_grad():
+        store.logits.fill_(3.0)
+    proxy.calibrate(widths, [float(w.sum()) / 10 for w in widths])
+    keepall = float(proxy(store.seg_units))
+    bad = x.clone()
+    bad[4:] = float("nan")  # rows of rank 1 (of 2)
+    batches = [(x, torch.zeros(8, dtype=torch.long)), (bad, torch.zeros(8, dtype=torch.long))] * 2
+    cfg = TrainConfig(steps=4, progress=False, probe_every=0, lambda_lr=1.0, lr_gates=0.1, max_bad_steps=3)
+    tr = LagrangeTrainer(student, teacher, proxy, 0.7 * keepall, cfg, env=env)
+    torch.manual_seed(1)
+    hist = tr.fit(ShardedBatches(batches, env))
+    return {
+        "rank": env.rank,
+        "bad_total": tr.bad_total,
+        "skipped": [h["step"] for h in hist if h.get("skipped")],
+        "replica_checks": tr.replica_checks,
+        "logits": store.logits.detach().tolist(),
+        "lambda": float(tr.lam),
+    }
+
+
+def main() -> None:
+    scenario, out = sys.argv[1], sys.argv[2]
+    env = init_from_env("cpu")
+    try:
+        res = {"collectives": collectives, "trainer_nan": trainer_nan}[scenario](env)
+        barrier(env)
+    finally:
+        shutdown(env)
+    with open(os.path.join(out, f"rank{env.rank}.json"), "w") as f:
+        json.dump(res, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Data-parallel gate training: sharding, collectives, and a real 2-rank gloo job.
+
+The multi-process tests launch ``torchrun`` (2 CPU processes, gloo) as a real subprocess; the
+end-to-end test runs ``hawada optimize`` on a tiny LLaMA once with 2 ranks and once as a single
+process with the same global batch, and compares the results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from torch.utils.data import DataLoader, TensorDataset
+
+from hawada.core.checkpoint import load_checkpoint
+from hawada.core.distributed import DistEnv, ShardedBatches, ShardError, shard_batch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["HF_HUB_OFFLINE"] = "1"
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def test_shard_batch_splits_every_tensor_and_refuses_uneven_batches():
+    batch = {"input_ids": torch.arange(12).view(6, 2), "attention_mask": torch.ones(6, 2), "n": 3}
+    parts = [shard_batch(batch, DistEnv(rank=r, world=3)) for r in range(3)]
+    assert torch.equal(torch.cat([p["input_ids"] for p in parts]), batch["input_ids"])
+    assert parts[1]["input_ids"].tolist() == [[4, 5], [6, 7]] and parts[2]["n"] == 3
+    assert shard_batch(batch, DistEnv()) is batch
+    with pytest.raises(ShardError, match="global batch of 6 rows cannot be split evenly across 4 ranks"):
+        shard_batch(batch, DistEnv(rank=0, world=4))
+    loader = DataLoader(TensorDataset(torch.arange(10)), batch_size=5)
+    with pytest.raises(ShardError, match="global batch of 5 rows"):
+        ShardedBatches(loader, DistEnv(rank=0, world=2))
+
+
+def test_sharded_dataloader_loads_only_the_rank_rows():
+    seen: list[int] = []
+
+    class Recording(TensorDataset):
+        def __getitem__(self, i):
+            seen.append(int(i))
+            return super().__getitem__(i)
+
+    ds = Recording(torch.arange(16))
+    sharded = ShardedBatches(DataLoader(ds, batch_size=8), DistEnv(rank=1, world=2))
+    got = [b[0].tolist() for b in sharded]
+    assert got == [[4, 5, 6, 7], [12, 13, 14, 15]]
+    assert sorted(seen) == [4, 5, 6, 7, 12, 13, 14, 15]  # rank 0's rows were never read
+    assert len(sharded) == 2
+
+
+def _rank_results(out) -> list[dict]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_collectives_on_two_gloo_ranks(tmp_path):
+    p = torchrun("tests/dist_worker.py", "collectives", str(tmp_path))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-6000:]
+    r0, r1 = _rank_results(tmp_path)
+    for r in (r0, r1):
+        assert r["world"] == 2 and r["backend"] == "gloo"
+        assert r["broadcast"] == {"from": 0}
+        assert r["any_rank_1"] is True and r["any_none"] is False
+        # an error on rank 0 reaches every rank with its type and message: nobody hangs
+        assert r["on_main_error"] == "target latency 1 ms is below the fastest allowed keep set"
+        assert r["on_main_value"] == 41
+        assert r["identical_ok"] is True
+        assert r["mismatch"].startswith("gate logits differs between the 2 ranks after step 3")
+        assert r["loader_shards_cover_global_batches"] is True
+
+
+def test_a_bad_batch_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    p = torchrun("tests/dist_worker.py", "trainer_nan", str(tmp_path))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-6000:]
+    r0, r1 = _rank_results(tmp_path)
+    assert r0["skipped"] == r1["skipped"] == [2, 4]
+    assert r0["bad_total"] == r1["bad_total"] == 2
+    assert r0["replica_checks"] == r1["replica_checks"] == 4
+    assert r0["logits"] == r1["logits"] and r0["lambda"] == r1["lambda"] > 0
+
+
+STEPS, FT_STEPS = 6, 2
+
+
+def _recipe(model: str, out: str) -> dict:
+    return {
+        "name": "lm-ddp",
+        "progress": False,
+        "threads": 1,
+        "seed": 5,
+        "deterministic": True,
+        "model": {"family": "hf_decoder", "arch": "llama", "path": model},
+        "data": {"kind": "stdlib_source", "seq_len": 16, "batch_size": 4, "max_chars": 20000},
+        "gates": {"group_size": {"ffn": 16}, "min_keep": {"head": 1, "kv_group": 1}, "init_logit": 0.5},
+        "penalties": {"l0": 0.5},
+        "train": {
+            "steps": STEPS,
+            "probe_every": 0,
+            "lr_gates": 0.2,
+            "lr_weights": 1e-3,
+            "checkpoint_every": 0,
+        },
+        # far above any latency: lambda stays 0, so measured (run-dependent) latency cannot move the gates
+        "target": {"latency_ms": 1.0e6, "phase": "decode", "batch_size": 2, "context_len": 8},
+        "proxy": {"mode": "analytic", "calib_points": 2},
+        "search": {"multiples": [1], "modes": ["floor"]},
+        "finetune": {"steps": FT_STEPS, "eval_every": 1, "lr": 1e-3, "warmup_steps": 0},
+        "measure": {"warmup": 1, "min_repeats": 2, "max_repeats": 3, "budget_s": 0.05},
+        "output": {"dir": out, "plot": False, "keep_state": True},
+    }
+
+
+def _slim_weights(run) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted((run / "slim").glob("*.safetensors"))
+    assert files
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(str(f)))
+    return out
+
+
+def test_two_rank_run_matches_one_rank_run_with_the_same_global_batch(tmp_path):
+    from tests.test_lm_job import tiny_teacher
+
+    tiny_teacher(str(tmp_path / "teacher"))
+    runs = {}
+    for name, nproc in (("one", 1), ("two", 2)):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(_recipe(str(tmp_path / "teacher"), str(tmp_path / name))))
+        if nproc == 1:
+            cmd = [sys.executable, "-m", "hawada", "optimize", str(path)]
+            p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+        else:
+            p = torchrun("-m", "hawada", "optimize", str(path), nproc=2)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-6000:]
+        runs[name] = tmp_path / name
+        assert p.stdout.count("report: ") == 1  # rank 0 alone prints the report
+
+    reports = {k: json.loads((v / "report.json").read_text()) for k, v in runs.items()}
+    assert reports["one"]["distributed"] == {"world": 1, "backend": None, "replica_checks": 0}
+    # the 2-rank run checked after every gate step that logits, lambda and proxy were identical
+    assert reports["two"]["distributed"] == {"world": 2, "backend": "gloo", "replica_checks": STEPS}
+
+    # rank 0 alone wrote the metrics: one line per gate and fine-tune step, not two
+    lines = [json.loads(x) for x in (runs["two"] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["phase"] == "gates"] == list(range(1, STEPS + 1))
+    ref = [json.loads(x) for x in (runs["one"] / "metrics.jsonl").read_text().splitlines()]
+    kd1 = [r["kd"] for r in ref if r["phase"] == "gates"]
+    kd2 = [r["kd"] for r in lines if r["phase"] == "gates"]
+    assert kd2 == pytest.approx(kd1, rel=1e-4)  # the mean over the global batch, step by step
+
+    # gates and student weights after gate training, and the fine-tuned slim model, agree
+    ck = {k: load_checkpoint(str(v / "state" / "checkpoints"))[0] for k, v in runs.items()}
+    assert ck["one"].keys() == ck["two"].keys()
+    logits1, logits2 = ck["one"]["student.hawada_gates.logits"], ck["two"]["student.hawada_gates.logits"]
+    assert not torch.equal(logits1, torch.full_like(logits1, 0.5))  # the gates did train
+    assert torch.allclose(logits2, logits1, atol=1e-4, rtol=1e-4)
+    for k, v in ck["one"].items():
+        if k.startswith("student.") and v.is_floating_point():
+            assert torch.allclose(ck["two"][k], v, atol=1e-4, rtol=1e-3), k
+    assert reports["two"]["layout"]["slim"] == reports["one"]["layout"]["slim"]
+    w1, w2 = _slim_weights(runs["one"]), _slim_weights(runs["two"])
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        assert torch.allclose(w2[k], w1[k], atol=1e-4, rtol=1e-3), k
