@@ -181,3 +181,70 @@ def test_two_rank_run_matches_one_rank_run_with_the_same_global_batch(tmp_path):
     assert w1.keys() == w2.keys()
     for k in w1:
         assert torch.allclose(w2[k], w1[k], atol=1e-4, rtol=1e-3), k
+
+
+def _gate_steps(metrics) -> list[int]:
+    recs = [json.loads(x) for x in metrics.read_text().splitlines()]
+    return [r["step"] for r in recs if r["phase"] == "gates"]
+
+
+def test_sigint_to_torchrun_stops_every_rank_at_one_step_and_resume_is_exact(tmp_path):
+    """SIGINT to a real torchrun: both ranks stop after the same step, rank 0 checkpoints; the
+    resumed 2-rank run ends with the gates and weights of an uninterrupted 2-rank run."""
+    import shutil
+    import signal
+    import time
+
+    from tests.test_lm_job import tiny_teacher
+
+    steps = 400
+    tiny_teacher(str(tmp_path / "teacher"))
+    recipe = _recipe(str(tmp_path / "teacher"), str(tmp_path / "run"))
+    recipe["train"]["steps"] = steps
+    recipe["finetune"]["steps"] = 0
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.Popen(
+        [*cmd, "-m", "hawada", "optimize", str(path)],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "run.partial" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(_gate_steps(metrics)) >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"run ended before it could be interrupted: {proc.communicate()[1][-2000:]}"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    said = [ln for ln in err.splitlines() if "SIGINT received: stopped after gate step" in ln]
+    stopped = {int(ln.split("gate step ")[1].split(",")[0]) for ln in said}
+    assert len(said) == 2 and len(stopped) == 1, err[-3000:]  # each rank says so, at the same step
+    step = stopped.pop()
+    assert 3 <= step < steps and not (tmp_path / "run").exists()
+    ck = tmp_path / "run.partial" / "state" / "checkpoints"
+    assert json.loads((ck / "latest.json").read_text())["step"] == step
+    assert _gate_steps(metrics) == list(range(1, step + 1))  # rank 0 alone wrote each step once
+
+    # reference: the same measurements, no gate checkpoint -> all gate steps in one go
+    ref = tmp_path / "ref.partial"
+    shutil.copytree(tmp_path / "run.partial", ref)
+    shutil.rmtree(ref / "state" / "checkpoints")
+    os.remove(ref / "metrics.jsonl")
+    for run in ("run", "ref"):
+        p = torchrun("-m", "hawada", "optimize", "--resume", str(tmp_path / run))
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-6000:]
+        assert ("resuming gate training after step" in p.stdout) == (run == "run")
+    a_t, a, _ = load_checkpoint(str(tmp_path / "run" / "state" / "checkpoints"))
+    b_t, b, _ = load_checkpoint(str(tmp_path / "ref" / "state" / "checkpoints"))
+    assert a["step"] == b["step"] == steps
+    for k in a_t:
+        if k.startswith(("student.", "opt_", "lam")):
+            assert torch.equal(a_t[k], b_t[k]), k
+    assert _gate_steps(tmp_path / "run" / "metrics.jsonl") == list(range(1, steps + 1))
