@@ -177,6 +177,15 @@ class OutputSection:
 
 
 @dataclass
+class DistributedSection:
+    strategy: Literal["ddp", "fsdp"] = _f(
+        "ddp",
+        help="under torchrun: ddp replicates student and teacher on every rank; fsdp shards their "
+        "layers across the ranks (FSDP2 fully_shard) during gate training",
+    )
+
+
+@dataclass
 class Recipe:
     name: str = _f("run")
     seed: int = _f(0, lo=0)
@@ -198,6 +207,7 @@ class Recipe:
     measure: MeasureSection = _f(factory=MeasureSection)
     export: ExportSection = _f(factory=ExportSection)
     output: OutputSection = _f(factory=OutputSection)
+    distributed: DistributedSection = _f(factory=DistributedSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

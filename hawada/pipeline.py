@@ -30,6 +30,8 @@ from hawada.core.distributed import (
     ShardedBatches,
     barrier,
     broadcast_tensors,
+    full_state_dict,
+    fully_shard_layers,
     init_from_env,
     local_device,
     on_main,
@@ -513,9 +515,37 @@ def _optimize(
             l0=p.l0, floor=p.floor, floor_frac=p.floor_frac, bimodal=p.bimodal, cost_weighted=p.cost_weighted
         ),
     )
-    probe = make_latency_probe(student, meter)
+    kd_teacher, materialize = teacher, None
+    fsdp = env.enabled and recipe.distributed.strategy == "fsdp"
+    if fsdp:
+        # FSDP2: the student's and the distillation teacher's layers are sharded over the
+        # ranks; an unsharded copy of the gated student (in host memory) is what probes,
+        # the search and the export see, loaded with the whole weights when needed.
+        if recipe.train.amp == "fp16":
+            raise ValueError("distributed.strategy fsdp does not support train.amp fp16; use bf16")
+        template = copy.deepcopy(student).cpu()
+        kd_teacher = copy.deepcopy(teacher)
+        fully_shard_layers(kd_teacher, adapter.shard_units(kd_teacher), env)
+        fully_shard_layers(student, adapter.shard_units(student), env)
+        if device.type != "cpu":
+            teacher.cpu()  # the plain teacher waits in host memory until the fine-tune
+
+        def materialize() -> nn.Module:
+            sd = full_state_dict(student)  # collective: every rank gets the whole tensors
+            template.load_state_dict({k: v.cpu() for k, v in sd.items()}, strict=True)
+            return template
+
+    probe = make_latency_probe(student, meter, device if fsdp else None)
     trainer = LagrangeTrainer(
-        student, teacher, proxy, target_ms, cfg, probe=probe, calibration=calib, env=env
+        student,
+        kd_teacher,
+        proxy,
+        target_ms,
+        cfg,
+        probe=probe,
+        calibration=calib,
+        env=env,
+        materialize=materialize,
     )
     train_loader = ShardedBatches(job.train_loader, env) if env.enabled else job.train_loader
     seed_everything(recipe.seed)  # the gate phase starts from a state set by the seed alone
@@ -534,10 +564,10 @@ def _optimize(
     )
 
     def write_checkpoint(t: LagrangeTrainer) -> str:
-        if not env.is_main:  # every rank holds the same state: rank 0 writes it
+        if not env.is_main and not t.sharded:  # every rank holds the same state: rank 0 writes it
             return ""
-        tensors, js = t.state()
-        return save_checkpoint(paths.checkpoints, t.step_idx, tensors, js)
+        tensors, js = t.state()  # sharded: a collective gather of the whole tensors
+        return save_checkpoint(paths.checkpoints, t.step_idx, tensors, js) if env.is_main else ""
 
     try:
         with _SignalFlag() as flag:
@@ -557,6 +587,10 @@ def _optimize(
         history[-1].update(trainer.probe_now())
 
     # -- rounding chosen by measured latency, then export
+    if materialize is not None:  # from here on: plain models (the slim model must fit one device)
+        student = materialize().to(device)
+        del kd_teacher
+        teacher.to(device)
     student.eval()
     search = on_main(
         env,

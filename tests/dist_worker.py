@@ -116,11 +116,76 @@ def trainer_nan(env) -> dict:
     }
 
 
+def fsdp_resume(env) -> dict:
+    """A sharded (FSDP2) student: 3 steps, checkpoint state, 3 more steps; a second sharded
+    trainer restored from that state makes the same 3 steps exactly."""
+    import transformers
+
+    from hawada.core.checkpoint import set_rng_state
+    from hawada.core.distributed import full_state_dict, fully_shard_layers
+
+    def build():
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=32,
+        )
+        teacher = transformers.LlamaForCausalLM(cfg).eval()
+        student = hawada.attach(copy.deepcopy(teacher), hawada.GateConfig(group_size={"ffn": 8}))
+        adapter = get_adapter("hf_decoder")
+        store = hawada.gates(student)
+        ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        proxy = LatencyProxy(store, adapter.cost_terms(student, batch), mode="analytic")
+        full = store.seg_units.float()
+        proxy.calibrate([full, (full * 0.5).round().clamp(min=1)], [10.0, 6.0])
+        for m in (teacher, student):
+            fully_shard_layers(m, adapter.shard_units(m), env)
+        tcfg = TrainConfig(
+            steps=6, progress=False, probe_every=0, lr_gates=0.1, lr_weights=1e-3, lambda_lr=1.0
+        )
+        tr = LagrangeTrainer(student, teacher, proxy, 0.6 * float(proxy(store.seg_units)), tcfg, env=env)
+        return tr, batch
+
+    tr, batch = build()
+    mine = next(iter(ShardedBatches([batch], env)))
+    for _ in range(3):
+        tr.step(mine)
+    tensors, js = tr.state()  # whole tensors (collective)
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    js = json.loads(json.dumps(js))
+    for _ in range(3):
+        tr.step(mine)
+    a = full_state_dict(tr.student)
+    tr2, _ = build()
+    tr2.load_state(tensors, js)
+    set_rng_state(*tr2._pending_rng)  # what fit() does when it resumes
+    for _ in range(3):
+        tr2.step(mine)
+    b = full_state_dict(tr2.student)
+    return {
+        "rank": env.rank,
+        "sharded": tr.sharded,
+        "whole_logits_in_state": list(tensors["student.hawada_gates.logits"].shape),
+        "equal": all(torch.equal(a[k], b[k]) for k in a),
+        "lambda": [float(tr.lam), float(tr2.lam)],
+        "replica_checks": tr2.replica_checks,
+    }
+
+
 def main() -> None:
     scenario, out = sys.argv[1], sys.argv[2]
     env = init_from_env("cpu")
     try:
-        res = {"collectives": collectives, "trainer_nan": trainer_nan}[scenario](env)
+        res = {"collectives": collectives, "trainer_nan": trainer_nan, "fsdp_resume": fsdp_resume}[scenario](
+            env
+        )
         barrier(env)
     finally:
         shutdown(env)

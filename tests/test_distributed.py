@@ -95,6 +95,18 @@ def test_a_bad_batch_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     assert r0["logits"] == r1["logits"] and r0["lambda"] == r1["lambda"] > 0
 
 
+def test_sharded_student_state_restores_exactly(tmp_path):
+    """FSDP2: a checkpoint of a sharded student holds whole tensors, and a second sharded
+    trainer loaded from it (weights, gates, optimizer states re-sharded) continues exactly."""
+    p = torchrun("tests/dist_worker.py", "fsdp_resume", str(tmp_path))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-6000:]
+    for r in _rank_results(tmp_path):
+        assert r["sharded"] is True and r["whole_logits_in_state"] == [20]
+        assert r["equal"] is True
+        assert r["lambda"][0] == r["lambda"][1] > 0
+        assert r["replica_checks"] == 3
+
+
 STEPS, FT_STEPS = 6, 2
 
 
@@ -137,22 +149,33 @@ def _slim_weights(run) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_two_rank_run_matches_one_rank_run_with_the_same_global_batch(tmp_path):
+@pytest.fixture(scope="module")
+def one_rank_run(tmp_path_factory):
+    """A tiny LLaMA teacher and a one-process run of the recipe: (tmp folder, run folder)."""
     from tests.test_lm_job import tiny_teacher
 
-    tiny_teacher(str(tmp_path / "teacher"))
-    runs = {}
-    for name, nproc in (("one", 1), ("two", 2)):
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(_recipe(str(tmp_path / "teacher"), str(tmp_path / name))))
-        if nproc == 1:
-            cmd = [sys.executable, "-m", "hawada", "optimize", str(path)]
-            p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-        else:
-            p = torchrun("-m", "hawada", "optimize", str(path), nproc=2)
-        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-6000:]
-        runs[name] = tmp_path / name
-        assert p.stdout.count("report: ") == 1  # rank 0 alone prints the report
+    tmp = tmp_path_factory.mktemp("ddp")
+    tiny_teacher(str(tmp / "teacher"))
+    path = tmp / "one.yaml"
+    path.write_text(yaml.safe_dump(_recipe(str(tmp / "teacher"), str(tmp / "one"))))
+    cmd = [sys.executable, "-m", "hawada", "optimize", str(path)]
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-6000:]
+    return tmp, tmp / "one"
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_rank_run_matches_one_rank_run_with_the_same_global_batch(one_rank_run, strategy):
+    tmp, one = one_rank_run
+    recipe = _recipe(str(tmp / "teacher"), str(tmp / strategy))
+    recipe["distributed"] = {"strategy": strategy}
+    recipe["train"]["checkpoint_every"] = 4  # a mid-run checkpoint too (sharded: gathered whole)
+    path = tmp / f"{strategy}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    p = torchrun("-m", "hawada", "optimize", str(path), nproc=2)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-6000:]
+    assert p.stdout.count("report: ") == 1  # rank 0 alone prints the report
+    runs = {"one": one, "two": tmp / strategy}
 
     reports = {k: json.loads((v / "report.json").read_text()) for k, v in runs.items()}
     assert reports["one"]["distributed"] == {"world": 1, "backend": None, "replica_checks": 0}
@@ -167,14 +190,16 @@ def test_two_rank_run_matches_one_rank_run_with_the_same_global_batch(tmp_path):
     kd2 = [r["kd"] for r in lines if r["phase"] == "gates"]
     assert kd2 == pytest.approx(kd1, rel=1e-4)  # the mean over the global batch, step by step
 
-    # gates and student weights after gate training, and the fine-tuned slim model, agree
+    # gates, student weights and optimizer states after gate training, and the fine-tuned slim
+    # model, agree (a sharded run's checkpoint holds whole tensors, like a one-process one)
     ck = {k: load_checkpoint(str(v / "state" / "checkpoints"))[0] for k, v in runs.items()}
     assert ck["one"].keys() == ck["two"].keys()
     logits1, logits2 = ck["one"]["student.hawada_gates.logits"], ck["two"]["student.hawada_gates.logits"]
     assert not torch.equal(logits1, torch.full_like(logits1, 0.5))  # the gates did train
     assert torch.allclose(logits2, logits1, atol=1e-4, rtol=1e-4)
     for k, v in ck["one"].items():
-        if k.startswith("student.") and v.is_floating_point():
+        if k.startswith(("student.", "opt_")) and v.is_floating_point():
+            assert ck["two"][k].shape == v.shape, k
             assert torch.allclose(ck["two"][k], v, atol=1e-4, rtol=1e-3), k
     assert reports["two"]["layout"]["slim"] == reports["one"]["layout"]["slim"]
     w1, w2 = _slim_weights(runs["one"]), _slim_weights(runs["two"])

@@ -81,6 +81,17 @@ class Adapter:
         """An export policy giving every layer the same widths (``export.uniform``)."""
         raise ValueError(f"export.uniform is not supported by the {self.family!r} family")
 
+    def shard_units(self, model: nn.Module) -> list[nn.Module]:
+        """The modules FSDP shards one by one (each all-gathered for its own forward).
+
+        Default: the children of the model's largest ``nn.ModuleList`` (a transformer's layers).
+        """
+        lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
+        if not lists:
+            raise ValueError(f"{type(model).__name__} has no layer list to shard: fsdp needs one")
+        best = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+        return list(best)
+
     def layout(self, model: nn.Module) -> dict:
         """Per-layer widths of a (slim or original) plain model, JSON-serialisable."""
         raise NotImplementedError

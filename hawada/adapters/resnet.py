@@ -283,6 +283,10 @@ class ResNetAdapter(Adapter):
     def load(self, path: str) -> nn.Module:
         return load_resnet(path)
 
+    def shard_units(self, model: nn.Module) -> list[nn.Module]:
+        """Every residual block of every stage (FSDP's unit of all-gather)."""
+        return [b for name in ("layer1", "layer2", "layer3", "layer4") for b in getattr(model, name)]
+
     def layout(self, model: nn.Module) -> dict:
         layers = []
         for i in range(1, 5):

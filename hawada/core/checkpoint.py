@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import random
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -179,9 +180,12 @@ def set_rng_state(tensors: dict[str, torch.Tensor], js: dict) -> None:
         np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
-def optimizer_state(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """An optimizer's state_dict split into tensors (``prefix.state.i.key``) and JSON."""
-    sd = opt.state_dict()
+def optimizer_state(
+    opt: torch.optim.Optimizer, prefix: str, sd: dict | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state_dict (or ``sd``, one like it) split into tensors
+    (``prefix.state.i.key``) and JSON."""
+    sd = opt.state_dict() if sd is None else sd
     tensors: dict[str, torch.Tensor] = {}
     other: dict[str, dict] = {}
     for idx, st in sd["state"].items():
@@ -194,8 +198,14 @@ def optimizer_state(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, 
 
 
 def load_optimizer_state(
-    opt: torch.optim.Optimizer, prefix: str, tensors: dict[str, torch.Tensor], js: dict
+    opt: torch.optim.Optimizer,
+    prefix: str,
+    tensors: dict[str, torch.Tensor],
+    js: dict,
+    transform: Callable[[dict], dict] | None = None,
 ) -> None:
+    """Restore :func:`optimizer_state`; ``transform`` maps the rebuilt state dict first
+    (e.g. re-sharding whole tensors for a sharded model)."""
     state: dict[int, dict] = {}
     head = f"{prefix}.state."
     for name, t in tensors.items():
@@ -205,4 +215,5 @@ def load_optimizer_state(
     for idx, st in js.get("other", {}).items():
         state.setdefault(int(idx), {}).update(st)
     groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in js["param_groups"]]
-    opt.load_state_dict({"state": state, "param_groups": groups})
+    sd = {"state": state, "param_groups": groups}
+    opt.load_state_dict(transform(sd) if transform is not None else sd)

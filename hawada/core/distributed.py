@@ -311,3 +311,139 @@ def data_parallel(model: nn.Module, fn: Callable[[nn.Module, Any], torch.Tensor]
     dev = next(model.parameters()).device
     ids = [dev.index] if dev.type == "cuda" else None
     return DDP(fwd, device_ids=ids, static_graph=True)
+
+
+# ---------------------------------------------------------------------------- FSDP2 (sharded)
+def is_dtensor(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def fully_shard_layers(model: nn.Module, units: list[nn.Module], env: DistEnv) -> nn.Module:
+    """Shard each of ``units`` across all ranks with FSDP2 ``fully_shard`` (in place).
+
+    Parameters outside the units (embeddings, norms, heads, the GateStore's logits) stay
+    replicated on every rank; their gradients are averaged by :func:`sync_replicated_grads`.
+    Each unit's parameters are all-gathered for its forward and backward and freed after.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dev = next(model.parameters()).device
+    mesh = init_device_mesh(dev.type, (env.world,))
+    for u in units:
+        fully_shard(u, mesh=mesh)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return any(is_dtensor(p) for p in model.parameters())
+
+
+def sync_replicated_grads(params: Iterable[torch.Tensor], env: DistEnv) -> None:
+    """Average over the ranks the gradients of replicated (non-sharded) parameters.
+
+    One all-reduce of the flattened gradients; sharded (DTensor) parameters are skipped (FSDP
+    reduce-scatters those itself)."""
+    grads = [p.grad for p in params if p.grad is not None and not is_dtensor(p)]
+    if not env.enabled or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads]).to(_comm_device(env))
+    dist.all_reduce(flat)
+    flat /= env.world
+    off = 0
+    with torch.no_grad():
+        for g in grads:
+            n = g.numel()
+            g.copy_(flat[off : off + n].view_as(g))
+            off += n
+
+
+def local_grads_finite(params: Iterable[torch.Tensor], env: DistEnv) -> bool:
+    """True on every rank iff every gradient element on every rank is finite."""
+    sums = []
+    for p in params:
+        if p.grad is not None:
+            g = p.grad.to_local() if is_dtensor(p.grad) else p.grad
+            sums.append(g.float().sum())
+    ok = not sums or bool(torch.isfinite(torch.stack(sums)).all())
+    return not any_rank(not ok, env)
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, env: DistEnv) -> float:
+    """``clip_grad_norm_`` over a mix of sharded (DTensor) and replicated parameters.
+
+    The squared norms of the local shards are summed over the ranks; replicated gradients
+    (identical everywhere) count once. Returns the total norm before clipping.
+    """
+    sharded, replicated = [], []
+    for p in params:
+        if p.grad is None:
+            continue
+        if is_dtensor(p.grad):
+            sharded.append(p.grad.to_local())
+        else:
+            replicated.append(p.grad)
+    sq = torch.zeros((), dtype=torch.float64)
+    for g in sharded:
+        sq += g.detach().double().pow(2).sum().cpu()
+    if env.enabled and sharded:
+        t = sq.to(_comm_device(env))
+        dist.all_reduce(t)
+        sq = t.cpu()
+    for g in replicated:
+        sq += g.detach().double().pow(2).sum().cpu()
+    total = float(sq.sqrt())
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        with torch.no_grad():
+            for g in sharded + replicated:
+                g.mul_(coef)
+    return total
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (an all-gather: every rank must call it), else ``t``."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every sharded tensor gathered whole (collective, in order)."""
+    return {k: full_tensor(v).detach() for k, v in model.state_dict().items()}
+
+
+def reshard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` placed like the DTensor ``like`` (this rank keeps its shard); plain otherwise."""
+    if not is_dtensor(like):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements)
+
+
+def load_full_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """Load a whole (unsharded) state dict into a model whose layers may be sharded."""
+    own = model.state_dict()
+    model.load_state_dict({k: reshard_like(sd[k], own[k]) if k in sd else sd[k] for k in own}, strict=True)
+
+
+def full_optimizer_state(opt: torch.optim.Optimizer) -> dict:
+    """``opt.state_dict()`` with sharded state tensors gathered whole (collective, in order)."""
+    sd = opt.state_dict()
+    return {
+        "state": {i: {k: full_tensor(v) for k, v in st.items()} for i, st in sd["state"].items()},
+        "param_groups": sd["param_groups"],
+    }
+
+
+def reshard_optimizer_state(opt: torch.optim.Optimizer, sd: dict) -> dict:
+    """A whole optimizer state dict placed like ``opt``'s parameters (for ``load_state_dict``)."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state = {}
+    for i, st in sd["state"].items():
+        p = params[int(i)]
+        state[i] = {
+            k: reshard_like(v, p) if isinstance(v, torch.Tensor) and v.dim() else v for k, v in st.items()
+        }
+    return {"state": state, "param_groups": sd["param_groups"]}

@@ -25,13 +25,22 @@ from hawada.core.distill import KDConfig, distill_loss
 from hawada.core.distributed import (
     SINGLE,
     DistEnv,
+    ForwardOf,
     any_rank,
     broadcast_object,
     broadcast_tensors,
     check_replicated,
+    clip_grad_norm,
     data_parallel,
+    full_optimizer_state,
+    full_state_dict,
+    is_sharded,
+    load_full_state_dict,
+    local_grads_finite,
     mean_over_ranks,
     on_main,
+    reshard_optimizer_state,
+    sync_replicated_grads,
 )
 from hawada.core.export import ExportPolicy, adapter_of, export, store_of
 from hawada.core.gates import PenaltyWeights, combined_penalty, project_gates_into_constraints
@@ -142,11 +151,17 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def make_latency_probe(gated: nn.Module, meter: Meter) -> Callable[[], dict]:
-    """A closure that exports the current hard keep set and measures it with ``meter``."""
+def make_latency_probe(
+    gated: nn.Module, meter: Meter, device: torch.device | str | None = None
+) -> Callable[..., dict]:
+    """A closure that exports the current hard keep set and measures it with ``meter``.
 
-    def probe() -> dict:
-        return meter(export(gated, ExportPolicy(check=False))).to_dict()
+    ``probe(model=None)`` exports ``model`` (default ``gated``), moved to ``device`` when given.
+    """
+
+    def probe(model: nn.Module | None = None) -> dict:
+        slim = export(model if model is not None else gated, ExportPolicy(check=False))
+        return meter(slim.to(device) if device is not None else slim).to_dict()
 
     return probe
 
@@ -159,6 +174,10 @@ class LagrangeTrainer:
     and after every step the gate logits, lambda and the proxy are checked to be identical on
     all ranks (:class:`~hawada.core.distributed.ReplicaMismatch` otherwise).
 
+    Sharded (FSDP2: the student's layers hold DTensors): no DDP; FSDP reduce-scatters the
+    layers' gradients and the replicated parameters' (gate logits included) are all-reduced;
+    checkpoints hold whole tensors, and probes export the model ``materialize()`` returns.
+
     Args:
         student: a model returned by ``hawada.attach``.
         teacher: the unpruned model (kept in eval / inference mode).
@@ -168,6 +187,8 @@ class LagrangeTrainer:
             called every ``cfg.probe_every`` steps, and the proxy is recalibrated on it.
         calibration: the (widths, ms) points the proxy was fitted on; probes are appended.
         env: the data-parallel job this process belongs to (default: a single process).
+        materialize: sharded students: a collective call returning an unsharded copy of the
+            gated student with the current weights (what probes export).
     """
 
     def __init__(
@@ -180,9 +201,15 @@ class LagrangeTrainer:
         probe: Callable[[], dict] | None = None,
         calibration: list | None = None,
         env: DistEnv = SINGLE,
+        materialize: Callable[[], nn.Module] | None = None,
     ) -> None:
         self.cfg = cfg or TrainConfig()
-        self.env = env
+        self.env, self.materialize = env, materialize
+        self.sharded = is_sharded(student)
+        if self.sharded and self.cfg.amp == "fp16":
+            raise ValueError(
+                "train.amp fp16 (loss scaling) is not supported with sharded (fsdp) students; use bf16"
+            )
         self.student, self.teacher, self.proxy = student, teacher, proxy
         self.adapter, self.store = adapter_of(student), store_of(student)
         if not target_ms > 0:
@@ -192,14 +219,22 @@ class LagrangeTrainer:
         self.device = self.store.logits.device
         gate_ids = {id(self.store.logits)}
         self.weights = [p for p in student.parameters() if p.requires_grad and id(p) not in gate_ids]
+        # foreach kernels refuse lists mixing DTensors and plain tensors (sharded students)
+        fe = False if self.sharded else None
         self.opt_w = (
-            torch.optim.AdamW(self.weights, lr=self.cfg.lr_weights, weight_decay=self.cfg.weight_decay)
+            torch.optim.AdamW(
+                self.weights, lr=self.cfg.lr_weights, weight_decay=self.cfg.weight_decay, foreach=fe
+            )
             if self.weights and self.cfg.lr_weights > 0
             else None
         )
         self.opt_g = torch.optim.Adam([self.store.logits], lr=self.cfg.lr_gates)
         # the student's forward as one module (DDP-wrapped when data-parallel)
-        self.student_fwd = data_parallel(student, self.adapter.output, env)
+        self.student_fwd = (
+            ForwardOf(student, self.adapter.output)
+            if self.sharded
+            else data_parallel(student, self.adapter.output, env)
+        )
         self.replica_checks = 0
         self.lam = torch.zeros((), device=self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.cfg.amp == "fp16")
@@ -235,7 +270,9 @@ class LagrangeTrainer:
         return torch.autocast(self.device.type, dtype=dt)
 
     def _kd(self, batch: Any) -> torch.Tensor:
-        with torch.inference_mode(), self._autocast():
+        # a sharded teacher all-gathers its layers into parameters: no inference tensors then
+        grad_off = torch.no_grad() if self.sharded else torch.inference_mode()
+        with grad_off, self._autocast():
             t_out = self.adapter.output(self.teacher, batch)
         t_out = t_out.clone()  # a normal tensor, usable by autograd
         with self._autocast():
@@ -266,8 +303,12 @@ class LagrangeTrainer:
         elif not finite:
             return False
         self.scaler.scale(loss).backward()
+        if self.sharded:
+            sync_replicated_grads([*self.weights, self.store.logits], self.env)
         if self.scaler.is_enabled():
             return True
+        if self.env.enabled:  # sharded gradients differ per rank: decide together
+            return local_grads_finite([*self.weights, self.store.logits], self.env)
         grads = [p.grad for p in [*self.weights, self.store.logits] if p.grad is not None]
         # one reduction per tensor: a sum is finite iff every element is (barring fp overflow)
         return not grads or bool(torch.isfinite(torch.stack([g.sum() for g in grads])).all())
@@ -277,7 +318,10 @@ class LagrangeTrainer:
             return
         self.scaler.unscale_(opt)
         if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+            if self.sharded:
+                clip_grad_norm(params, self.cfg.grad_clip, self.env)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         self.scaler.step(opt)
 
     # ------------------------------------------------------------------ one step
@@ -362,7 +406,11 @@ class LagrangeTrainer:
         stays bitwise identical.
         """
         assert self.probe is not None
-        res = on_main(self.env, self.probe)
+        if self.materialize is not None:  # collective: every rank gathers the whole student
+            model = self.materialize()
+            res = on_main(self.env, lambda: self.probe(model))
+        else:
+            res = on_main(self.env, self.probe)
         self.last_real_ms = res["median_ms"]
         fit = self.proxy.add_point_and_refit(self.store.open_units(), res["median_ms"], self.calibration)
         if self.env.enabled:
@@ -384,13 +432,16 @@ class LagrangeTrainer:
         """Everything gate training needs to continue exactly: (tensors, JSON-serialisable)."""
         from hawada.core.checkpoint import optimizer_state, rng_state
 
-        tensors = {f"student.{k}": v for k, v in self.student.state_dict().items()}
+        sd = (
+            full_state_dict(self.student) if self.sharded else self.student.state_dict()
+        )  # collective if sharded
+        tensors = {f"student.{k}": v for k, v in sd.items()}
         tensors.update({f"proxy.{k}": v for k, v in self.proxy.state_dict().items()})
         tensors["lam"] = self.lam
         js: dict[str, Any] = {}
         for name, opt in (("opt_w", self.opt_w), ("opt_g", self.opt_g)):
             if opt is not None:
-                t, j = optimizer_state(opt, name)
+                t, j = optimizer_state(opt, name, full_optimizer_state(opt) if self.sharded else None)
                 tensors.update(t)
                 js[name] = j
         for i, (w, _) in enumerate(self.calibration):
@@ -421,7 +472,10 @@ class LagrangeTrainer:
         def sub(prefix: str) -> dict[str, torch.Tensor]:
             return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-        self.student.load_state_dict(sub("student."), strict=True)
+        if self.sharded:
+            load_full_state_dict(self.student, sub("student."))
+        else:
+            self.student.load_state_dict(sub("student."), strict=True)
         self.proxy.load_state_dict(sub("proxy."), strict=True)
         self.proxy.calibration = js["proxy_calibration"]
         if hasattr(self.proxy, "table_measured"):
@@ -430,7 +484,13 @@ class LagrangeTrainer:
             self.lam.copy_(tensors["lam"])
         for name, opt in (("opt_w", self.opt_w), ("opt_g", self.opt_g)):
             if opt is not None:
-                load_optimizer_state(opt, name, tensors, js[name])
+                load_optimizer_state(
+                    opt,
+                    name,
+                    tensors,
+                    js[name],
+                    (lambda sd, o=opt: reshard_optimizer_state(o, sd)) if self.sharded else None,
+                )
         if js["scaler"]:
             self.scaler.load_state_dict(js["scaler"])
         self.calibration[:] = [(tensors[f"calib.{i}"], ms) for i, ms in enumerate(js["calib_ms"])]
