@@ -108,6 +108,14 @@ def test_pipeline_smoke(tmp_path):
     assert rep["latency"]["slim"]["shapes"] == [[2, 1]]  # one decode step of 2 sequences
     slim = load_slim(os.path.join(out, "slim"))
     assert layer_widths(slim) == rep["layout"]["slim"]["layers"]
+    # TensorBoard scalars (tensorboard is a dev requirement): losses, lambda, latency, kept fractions
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(out, "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"gates/kd", "gates/lambda", "gates/proxy_ms", "gates/kept", "gates/kept_head", "finetune/kd"} <= tags
+    assert [e.step for e in acc.Scalars("gates/lambda")] == [1, 2]
     with open(os.path.join(out, "report.json")) as f:
         assert json.load(f)["job"]["timed"]["phase"] == "decode"
 
