@@ -489,6 +489,7 @@ def _optimize(
         setup, setup_t = on_main(env, measure_setup)
     min_ms, target_ms = setup["min_ms"], setup["target_ms"]
     proxy, calib = proxy_from(setup, setup_t)
+    store.set_segment_costs(proxy.unit_costs())  # what the cost-weighted L0 penalty weighs by
     fit = {"mape": setup["initial_fit_mape"]}
 
     # -- gate training

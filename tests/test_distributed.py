@@ -120,7 +120,8 @@ def _recipe(model: str, out: str) -> dict:
         "model": {"family": "hf_decoder", "arch": "llama", "path": model},
         "data": {"kind": "stdlib_source", "seq_len": 16, "batch_size": 4, "max_chars": 20000},
         "gates": {"group_size": {"ffn": 16}, "min_keep": {"head": 1, "kv_group": 1}, "init_logit": 0.5},
-        "penalties": {"l0": 0.5},
+        # unweighted L0: cost weights come from the measured (run-dependent) proxy
+        "penalties": {"l0": 0.5, "cost_weighted": False},
         "train": {
             "steps": STEPS,
             "probe_every": 0,

@@ -91,3 +91,20 @@ def test_mape_and_spearman():
 def test_unknown_segment_in_a_term_is_an_error():
     with pytest.raises(ValueError, match="unknown segment"):
         LatencyProxy(small_store(), [CostTerm("x", "linear", ("nope", 4), 1, 1)])
+
+
+def test_unit_costs_weigh_segments_by_their_marginal_latency():
+    st = small_store()
+    terms = [
+        CostTerm("mm", "linear", ("a", 64), flops=4e9, bytes=0.0),  # a: 16 units, 4 GFLOP in all
+        CostTerm("mm2", "linear", ("b", 64), flops=1e9, bytes=0.0),  # b: 32 units, 1 GFLOP in all
+    ]
+    px = LatencyProxy(st, terms, mode="analytic")
+    px.coef.copy_(torch.tensor([1.0, 0.0, 0.0, 2.0]))  # 1 ms per GFLOP + 2 ms fixed
+    c = px.unit_costs()
+    # per unit: a = 4/16 = 0.25 ms, b = 1/32 ms: ratio 8; the mean cost over all 48 units is 1
+    assert float(c[0] / c[1]) == pytest.approx(8.0, rel=1e-5)
+    assert float((c * torch.tensor([16.0, 32.0])).sum()) == pytest.approx(48.0, rel=1e-5)
+    # a proxy that does not depend on the widths gives every unit the same weight
+    px.coef.copy_(torch.tensor([0.0, 0.0, 0.0, 2.0]))
+    assert torch.equal(px.unit_costs(), torch.ones(2))

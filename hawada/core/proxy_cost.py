@@ -211,6 +211,22 @@ class LatencyProxy(nn.Module):
             return self.coef[0] * self.term_ms(widths).sum() + self.coef[3]
         return (self.coef * self.features(widths)).sum()
 
+    def unit_costs(self) -> torch.Tensor:
+        """``[S]`` marginal latency of one unit of each segment, averaged over the kept
+        fractions 1/4, 1/2, 3/4 and 1 of the whole model and normalised so that the mean cost
+        per unit (over all units) is 1: the weights of the cost-weighted L0 penalty."""
+        full = self.seg_full[:-1].detach()
+        grads = []
+        for frac in (0.25, 0.5, 0.75, 1.0):
+            w = (full * frac).requires_grad_(True)
+            (g,) = torch.autograd.grad(self(w), w)
+            grads.append(g)
+        g = torch.stack(grads).mean(0).clamp(min=0.0)
+        total = (g * full).sum()
+        if not total > 0:
+            return torch.ones_like(full)
+        return g * full.sum() / total
+
     def raw(self, widths: torch.Tensor) -> torch.Tensor:
         """``[S] -> [k]`` the uncalibrated regressors of the current mode."""
         if self.mode == "lut":
