@@ -33,7 +33,7 @@ def test_tiny_recipe_end_to_end(tmp_path, capsys):
     assert main(["optimize", str(recipe), "--set", f"output.dir={out}"]) == 0
     printed = capsys.readouterr().out
     assert "speedup" in printed and "slim latency" in printed
-    assert sorted(os.listdir(out)) == ["metrics.jsonl", "report.json", "report.png", "slim"]
+    assert sorted(os.listdir(out)) == ["metrics.jsonl", "report.json", "report.png", "slim", "tensorboard"]
     rep = json.loads((out / "report.json").read_text())
     lat = rep["latency"]
     for side in ("base", "slim"):

@@ -114,7 +114,14 @@ def test_pipeline_smoke(tmp_path):
     acc = EventAccumulator(os.path.join(out, "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"gates/kd", "gates/lambda", "gates/proxy_ms", "gates/kept", "gates/kept_head", "finetune/kd"} <= tags
+    assert {
+        "gates/kd",
+        "gates/lambda",
+        "gates/proxy_ms",
+        "gates/kept",
+        "gates/kept_head",
+        "finetune/kd",
+    } <= tags
     assert [e.step for e in acc.Scalars("gates/lambda")] == [1, 2]
     with open(os.path.join(out, "report.json")) as f:
         assert json.load(f)["job"]["timed"]["phase"] == "decode"
