@@ -89,6 +89,9 @@ class KDSection:
     alpha_mse: float = _f(0.0, lo=0.0)
     alpha_cos: float = _f(1.0, lo=0.0)
     alpha_emb_mse: float = _f(1.0, lo=0.0)
+    alpha_hidden: float = _f(
+        0.0, lo=0.0, help="per-layer hidden-state MSE relative to the teacher's scale (hf_encoder)"
+    )
 
 
 @dataclass

@@ -205,6 +205,7 @@ def kd_config(recipe: Recipe) -> KDConfig:
         alpha_mse=k.alpha_mse,
         alpha_cos=k.alpha_cos,
         alpha_emb_mse=k.alpha_emb_mse,
+        alpha_hidden=k.alpha_hidden,
     )
 
 

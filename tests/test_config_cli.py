@@ -40,6 +40,7 @@ def test_defaults_and_shipped_recipes_validate():
         ({"search": {"modes": ["up"]}}, "search.modes: 'up' is not one of"),
         ({"target": {"ratio": None}}, "target: give ratio or latency_ms"),
         ({"data": {"kind": "imagefolder"}}, "data.path"),
+        ({"kd": {"alpha_hidden": -0.5}}, "kd.alpha_hidden: must be >= 0, got -0.5"),
     ],
 )
 def test_schema_errors_name_the_field(data, message):

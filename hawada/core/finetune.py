@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hawada.core.distill import KDConfig, distill_loss
+from hawada.core.distill import KDConfig, student_teacher_loss
 from hawada.core.train import cycle, to_device
 
 
@@ -120,11 +120,7 @@ def finetune_student(
         for step in range(1, cfg.steps + 1):
             student.train()
             batch = to_device(next(it), device)
-            with torch.inference_mode():
-                t_out = adapter.output(teacher, batch)
-            loss = distill_loss(
-                adapter.output(student, batch), t_out.clone(), kd, adapter.kd_kind, adapter.kd_mask(batch)
-            )
+            loss = student_teacher_loss(adapter, student, teacher, batch, kd)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hawada.core.distill import KDConfig, distill_loss
+from hawada.core.distill import KDConfig, student_teacher_loss
 from hawada.core.export import ExportPolicy, adapter_of, export, store_of
 from hawada.core.gates import PenaltyWeights, combined_penalty, project_gates_into_constraints
 from hawada.core.profiler import Meter
@@ -205,12 +205,9 @@ class LagrangeTrainer:
         return torch.autocast(self.device.type, dtype=dt)
 
     def _kd(self, batch: Any) -> torch.Tensor:
-        with torch.inference_mode(), self._autocast():
-            t_out = self.adapter.output(self.teacher, batch)
-        t_out = t_out.clone()  # a normal tensor, usable by autograd
-        with self._autocast():
-            s_out = self.adapter.output(self.student, batch)
-        return distill_loss(s_out, t_out, self.cfg.kd, self.adapter.kd_kind, self.adapter.kd_mask(batch))
+        return student_teacher_loss(
+            self.adapter, self.student, self.teacher, batch, self.cfg.kd, self._autocast
+        )
 
     def _gate_terms(self, target: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pen = combined_penalty(self.store, self.cfg.penalties)
