@@ -42,6 +42,12 @@ class ModelSection:
     path: str | None = _f(None, help="weights file or model folder; null: build/train as the recipe says")
     num_classes: int = _f(10, lo=1)
     attn_implementation: str | None = _f(None)
+    dropout: float | None = _f(
+        None,
+        lo=0.0,
+        hi=0.9,
+        help="text encoders: dropout of the student while it trains; null: the model's own",
+    )
 
 
 @dataclass
