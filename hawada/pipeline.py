@@ -491,7 +491,14 @@ def _optimize(recipe: Recipe, paths: RunPaths, log: Callable[[str], None], resum
 
     # -- rounding chosen by measured latency, then export
     student.eval()
-    search = grid_search_latency(student, target_ms, meter, recipe.search.multiples, recipe.search.modes)
+    search = grid_search_latency(
+        student,
+        target_ms,
+        meter,
+        recipe.search.multiples,
+        recipe.search.modes,
+        fill_probes=recipe.search.fill_probes,
+    )
     log(
         f"search: {len(search.trials)} exports measured; chose multiple={search.best['multiple']} "
         f"mode={search.best['mode']} ({search.best['median_ms']:.2f} ms)"

@@ -41,6 +41,7 @@ def test_defaults_and_shipped_recipes_validate():
         ({"target": {"ratio": None}}, "target: give ratio or latency_ms"),
         ({"data": {"kind": "imagefolder"}}, "data.path"),
         ({"kd": {"alpha_hidden": -0.5}}, "kd.alpha_hidden: must be >= 0, got -0.5"),
+        ({"search": {"fill_probes": -1}}, "search.fill_probes: must be >= 0, got -1"),
         ({"model": {"dropout": 1.0}}, "model.dropout: must be <= 0.9, got 1.0"),
     ],
 )
