@@ -98,6 +98,11 @@ class KDSection:
     alpha_hidden: float = _f(
         0.0, lo=0.0, help="per-layer hidden-state MSE relative to the teacher's scale (hf_encoder)"
     )
+    alpha_hidden_gates: float | None = _f(
+        None,
+        lo=0.0,
+        help="alpha_hidden during gate training; null: alpha_hidden (a large one holds gates open)",
+    )
 
 
 @dataclass

@@ -197,15 +197,17 @@ def gate_config(recipe: Recipe) -> GateConfig:
     )
 
 
-def kd_config(recipe: Recipe) -> KDConfig:
+def kd_config(recipe: Recipe, gates: bool = False) -> KDConfig:
+    """The distillation weights of the fine-tune, or of gate training with ``gates``."""
     k = recipe.kd
+    hidden = k.alpha_hidden_gates if gates and k.alpha_hidden_gates is not None else k.alpha_hidden
     return KDConfig(
         temperature=k.temperature,
         alpha_kl=k.alpha_kl,
         alpha_mse=k.alpha_mse,
         alpha_cos=k.alpha_cos,
         alpha_emb_mse=k.alpha_emb_mse,
-        alpha_hidden=k.alpha_hidden,
+        alpha_hidden=hidden,
     )
 
 
@@ -450,7 +452,7 @@ def _optimize(recipe: Recipe, paths: RunPaths, log: Callable[[str], None], resum
         max_bad_steps=tr.max_bad_steps,
         seed=recipe.seed,
         progress=recipe.progress,
-        kd=kd_config(recipe),
+        kd=kd_config(recipe, gates=True),
         penalties=PenaltyWeights(
             l0=p.l0, floor=p.floor, floor_frac=p.floor_frac, bimodal=p.bimodal, cost_weighted=p.cost_weighted
         ),

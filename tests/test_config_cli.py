@@ -170,3 +170,12 @@ def test_profile_reports_keepall_latency(tmp_path, capsys):
     res = json.loads(out.read_text())
     assert res["keep_all"]["median_ms"] > 0 and res["keep_all"]["shapes"] == [[4, 3, 16, 16]]
     assert "torch" in res["versions"]
+
+
+def test_hidden_state_weight_of_gate_training_defaults_to_the_fine_tune_one():
+    from hawada.pipeline import kd_config
+
+    r = recipe_from_dict({"kd": {"alpha_hidden": 2.0}})
+    assert kd_config(r).alpha_hidden == 2.0 and kd_config(r, gates=True).alpha_hidden == 2.0
+    r = recipe_from_dict({"kd": {"alpha_hidden": 2.0, "alpha_hidden_gates": 0.0}})
+    assert kd_config(r).alpha_hidden == 2.0 and kd_config(r, gates=True).alpha_hidden == 0.0
