@@ -42,6 +42,12 @@ class ModelSection:
     path: str | None = _f(None, help="weights file or model folder; null: build/train as the recipe says")
     num_classes: int = _f(10, lo=1)
     attn_implementation: str | None = _f(None)
+    dropout: float | None = _f(
+        None,
+        lo=0.0,
+        hi=0.9,
+        help="text encoders: dropout of the student while it trains; null: the model's own",
+    )
 
 
 @dataclass
@@ -89,6 +95,14 @@ class KDSection:
     alpha_mse: float = _f(0.0, lo=0.0)
     alpha_cos: float = _f(1.0, lo=0.0)
     alpha_emb_mse: float = _f(1.0, lo=0.0)
+    alpha_hidden: float = _f(
+        0.0, lo=0.0, help="per-layer hidden-state MSE relative to the teacher's scale (hf_encoder)"
+    )
+    alpha_hidden_gates: float | None = _f(
+        None,
+        lo=0.0,
+        help="alpha_hidden during gate training; null: alpha_hidden (a large one holds gates open)",
+    )
 
 
 @dataclass
@@ -136,6 +150,9 @@ class ProxySection:
 class SearchSection:
     multiples: list[int] = _f(factory=lambda: [1, 4, 8, 16])
     modes: list[str] = _f(factory=lambda: ["floor", "nearest", "ceil"])
+    fill_probes: int = _f(
+        0, lo=0, help="measured exports to reopen closed gates while within target after the grid; 0: off"
+    )
 
 
 @dataclass

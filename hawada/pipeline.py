@@ -226,14 +226,17 @@ def gate_config(recipe: Recipe) -> GateConfig:
     )
 
 
-def kd_config(recipe: Recipe) -> KDConfig:
+def kd_config(recipe: Recipe, gates: bool = False) -> KDConfig:
+    """The distillation weights of the fine-tune, or of gate training with ``gates``."""
     k = recipe.kd
+    hidden = k.alpha_hidden_gates if gates and k.alpha_hidden_gates is not None else k.alpha_hidden
     return KDConfig(
         temperature=k.temperature,
         alpha_kl=k.alpha_kl,
         alpha_mse=k.alpha_mse,
         alpha_cos=k.alpha_cos,
         alpha_emb_mse=k.alpha_emb_mse,
+        alpha_hidden=hidden,
     )
 
 
@@ -511,7 +514,7 @@ def _optimize(
         max_bad_steps=tr.max_bad_steps,
         seed=recipe.seed,
         progress=recipe.progress,
-        kd=kd_config(recipe),
+        kd=kd_config(recipe, gates=True),
         penalties=PenaltyWeights(
             l0=p.l0, floor=p.floor, floor_frac=p.floor_frac, bimodal=p.bimodal, cost_weighted=p.cost_weighted
         ),
@@ -595,7 +598,14 @@ def _optimize(
     student.eval()
     search = on_main(
         env,
-        lambda: grid_search_latency(student, target_ms, meter, recipe.search.multiples, recipe.search.modes),
+        lambda: grid_search_latency(
+            student,
+            target_ms,
+            meter,
+            recipe.search.multiples,
+            recipe.search.modes,
+            fill_probes=recipe.search.fill_probes,
+        ),
     )
     log(
         f"search: {len(search.trials)} exports measured; chose multiple={search.best['multiple']} "

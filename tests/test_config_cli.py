@@ -40,6 +40,9 @@ def test_defaults_and_shipped_recipes_validate():
         ({"search": {"modes": ["up"]}}, "search.modes: 'up' is not one of"),
         ({"target": {"ratio": None}}, "target: give ratio or latency_ms"),
         ({"data": {"kind": "imagefolder"}}, "data.path"),
+        ({"kd": {"alpha_hidden": -0.5}}, "kd.alpha_hidden: must be >= 0, got -0.5"),
+        ({"search": {"fill_probes": -1}}, "search.fill_probes: must be >= 0, got -1"),
+        ({"model": {"dropout": 1.0}}, "model.dropout: must be <= 0.9, got 1.0"),
     ],
 )
 def test_schema_errors_name_the_field(data, message):
@@ -167,3 +170,12 @@ def test_profile_reports_keepall_latency(tmp_path, capsys):
     res = json.loads(out.read_text())
     assert res["keep_all"]["median_ms"] > 0 and res["keep_all"]["shapes"] == [[4, 3, 16, 16]]
     assert "torch" in res["versions"]
+
+
+def test_hidden_state_weight_of_gate_training_defaults_to_the_fine_tune_one():
+    from hawada.pipeline import kd_config
+
+    r = recipe_from_dict({"kd": {"alpha_hidden": 2.0}})
+    assert kd_config(r).alpha_hidden == 2.0 and kd_config(r, gates=True).alpha_hidden == 2.0
+    r = recipe_from_dict({"kd": {"alpha_hidden": 2.0, "alpha_hidden_gates": 0.0}})
+    assert kd_config(r).alpha_hidden == 2.0 and kd_config(r, gates=True).alpha_hidden == 0.0

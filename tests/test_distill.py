@@ -76,3 +76,27 @@ def test_agreement_metrics():
 def test_kd_config_validation():
     with pytest.raises(ValueError, match="temperature"):
         KDConfig(temperature=0)
+
+
+def test_relative_hidden_state_mse_is_zero_for_equal_states_and_ignores_padding():
+    from hawada.core.distill import hidden_state_mse
+
+    g = torch.Generator().manual_seed(0)
+    t = [torch.randn(2, 5, 4, generator=g), 10.0 * torch.randn(2, 5, 4, generator=g)]
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    assert hidden_state_mse([x.clone() for x in t], t, mask, relative=True) == 0.0
+    s = [x.clone() for x in t]
+    s[0][1, 4] += 100.0  # padding: ignored
+    assert hidden_state_mse(s, t, mask, relative=True) == 0.0
+    s[0][0, 0] += 1.0  # a real token
+    assert hidden_state_mse(s, t, mask, relative=True) > 0.0
+    # relative: the same relative error weighs the same on a layer of any scale
+    a = hidden_state_mse([1.1 * t[0]], [t[0]], mask, relative=True)
+    b = hidden_state_mse([1.1 * t[1]], [t[1]], mask, relative=True)
+    assert torch.allclose(a, torch.tensor(0.01)) and torch.allclose(b, torch.tensor(0.01))
+    assert not torch.allclose(hidden_state_mse([1.1 * t[1]], [t[1]], mask), torch.tensor(0.01))
+
+
+def test_kd_config_refuses_a_negative_hidden_weight():
+    with pytest.raises(ValueError, match="alpha_hidden"):
+        KDConfig(alpha_hidden=-1.0)

@@ -348,3 +348,48 @@ def test_vit_attach_export_and_train_step() -> None:
     assert not torch.equal(store.logits.detach(), before_l)
     slim = hawada.export(g)
     assert ad.output(slim, batch).shape == (4, 5)
+
+
+def test_hidden_state_kd_is_zero_for_the_teacher_and_positive_once_pruned() -> None:
+    from hawada.core.distill import KDConfig, student_teacher_loss
+
+    g = gated("BertModel").eval()  # hard gates: all open
+    ad = adapter_for(g)
+    teacher = ad.export_keepall(g).eval()
+    x = ad.example_inputs(g)
+    out, states = ad.kd_outputs(g, x)
+    assert torch.equal(out, ad.output(g, x))
+    assert len(states) == LAYERS and all(s.shape == (2, 11, HIDDEN) for s in states)
+    hidden_only = KDConfig(alpha_cos=0.0, alpha_emb_mse=0.0, alpha_hidden=1.0)
+    assert float(student_teacher_loss(ad, g, teacher, x, hidden_only).detach()) < 1e-10
+    with torch.no_grad():  # close two heads of the last layer: its states differ from the teacher's
+        s = g.hawada_gates.segment("layer2.heads")
+        g.hawada_gates.logits[s.start : s.start + 2] = -5.0
+    loss = float(student_teacher_loss(ad, g, teacher, x, hidden_only).detach())
+    assert loss > 1e-7
+    # padded positions (the last 4 of rows 1..) do not count
+    x2 = dict(x, input_ids=x["input_ids"].clone())
+    x2["input_ids"][1:, -4:] = (x2["input_ids"][1:, -4:] + 1) % 61
+    assert float(student_teacher_loss(ad, g, teacher, x2, hidden_only).detach()) == pytest.approx(
+        loss, rel=1e-4
+    )
+    g.train()  # sampled gates: the hidden-state term alone gives the gate logits a gradient
+    student_teacher_loss(ad, g, teacher, x, hidden_only).backward()
+    assert g.hawada_gates.logits.grad is not None and g.hawada_gates.logits.grad.abs().sum() > 0
+
+
+def test_hidden_state_kd_needs_an_adapter_that_gives_states() -> None:
+    from hawada.adapters.base import Adapter
+    from hawada.core.distill import KDConfig, student_teacher_loss
+
+    class NoStates(Adapter):
+        family = "nostates"
+        kd_kind = "embedding"
+
+        def output(self, model, batch):
+            return model(batch)
+
+    lin = nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="alpha_hidden > 0, but the 'nostates' family"):
+        student_teacher_loss(NoStates(), lin, lin, torch.randn(2, 3), KDConfig(alpha_hidden=1.0))
+    assert float(student_teacher_loss(NoStates(), lin, lin, torch.randn(2, 3), KDConfig()).detach()) < 1e-10

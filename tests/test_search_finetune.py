@@ -6,9 +6,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import hawada
 from hawada.adapters.base import get_adapter
+from hawada.core.export import keep_counts, param_count
 from hawada.core.finetune import FinetuneConfig, finetune_student, lr_lambda, recalibrate_batchnorm
 from hawada.core.profiler import latency_meter
-from hawada.core.search_export import choose_trial, grid_search_latency
+from hawada.core.search_export import choose_trial, closed_gates_by_logit, grid_search_latency
 from tests.helpers import tiny_resnet
 
 X = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -52,6 +53,58 @@ def test_choose_trial_rules():
     assert not met and best["median_ms"] == 4  # none within target: the fastest
     with pytest.raises(ValueError):
         choose_trial([])
+
+
+class ParamMeter:
+    """A deterministic stand-in for the latency meter: 1 ms per 1000 parameters."""
+
+    def __call__(self, model):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(median_ms=param_count(model) / 1000.0, spread_ms=0.0, n=1)
+
+
+def test_closed_gates_come_highest_logit_first_within_and_across_segments():
+    g = gated_random()
+    st = hawada.gates(g)
+    counts = keep_counts(st)
+    cands = closed_gates_by_logit(st, counts)
+    assert len(cands) == sum(s.count for s in st.segments) - sum(
+        -(-counts[s.name] // s.group_size) for s in st.segments
+    )
+    lg = {
+        s.name: torch.sort(st.logits[s.start : s.stop].detach(), descending=True).values for s in st.segments
+    }
+    seen: dict[str, int] = {}
+    last = float("inf")
+    for name, k in cands:
+        s = st.segment(name)
+        j = -(-counts[name] // s.group_size) + seen.get(name, 0)
+        seen[name] = seen.get(name, 0) + 1
+        assert k == min(s.units, (j + 1) * s.group_size)  # counts grow gate by gate
+        assert float(lg[name][j]) <= last  # highest logit first over all segments
+        last = float(lg[name][j])
+
+
+def test_fill_reopens_gates_up_to_the_target_and_no_further():
+    g = gated_random()
+    meter = ParamMeter()
+    floor = grid_search_latency(g, 1e9, meter, multiples=(1,), modes=("floor",))
+    full = meter(hawada.export_keepall(g)).median_ms
+    target = (floor.best["median_ms"] + full) / 2
+    res = grid_search_latency(g, target, meter, multiples=(1,), modes=("floor",), fill_probes=12)
+    fills = [t for t in res.trials if t["mode"] == "fill"]
+    assert fills and res.best["mode"] == "fill" and res.met_target
+    assert floor.best["median_ms"] < res.best["median_ms"] <= target
+    assert res.best["reopened"] == max(t["reopened"] for t in fills if t["within_target"])
+    # the binary search converged: one more reopened gate would have been over the target
+    over = [t["reopened"] for t in fills if not t["within_target"]]
+    assert over and min(over) == res.best["reopened"] + 1
+    slim = hawada.export(g, res.policy)  # the export check holds for the filled keep set
+    assert meter(slim).median_ms == res.best["median_ms"]
+    # no fill when the grid itself is over the target
+    none = grid_search_latency(g, 1e-3, meter, multiples=(1,), modes=("floor",), fill_probes=4)
+    assert not none.met_target and all(t["mode"] != "fill" for t in none.trials)
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():

@@ -157,3 +157,20 @@ def test_minilm_recipe_smoke_run(tmp_path) -> None:
     }
     with torch.no_grad():
         assert slim(**x).last_hidden_state.shape == (1, 4, 384)
+
+
+def test_set_dropout_reaches_every_dropout_and_the_config() -> None:
+    from transformers import BertConfig, BertModel
+
+    from hawada.jobs.text_job import set_dropout
+
+    cfg = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24
+    )
+    model = BertModel(cfg).train()
+    n = sum(isinstance(m, torch.nn.Dropout) for m in model.modules())
+    assert n > 0 and set_dropout(model, 0.0) == n
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert model.config.hidden_dropout_prob == 0.0 and model.config.attention_probs_dropout_prob == 0.0
+    x = torch.randint(0, 50, (2, 7))
+    assert torch.equal(model(x).last_hidden_state, model(x).last_hidden_state)  # train mode, deterministic

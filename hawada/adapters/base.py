@@ -42,6 +42,12 @@ class Adapter:
         """The tensor distillation compares (logits ``[B, C]`` / ``[B, L, V]`` or embeddings ``[B, D]``)."""
         raise NotImplementedError
 
+    def kd_outputs(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """``(output(model, batch), hidden states)`` for distillation: the ``[B, L, D]`` output of
+        every layer whose width pruning keeps (student and teacher states pair up by index), or
+        None where the family has no such states (``kd.alpha_hidden`` is then refused)."""
+        return self.output(model, batch), None
+
     def kd_mask(self, batch: Any) -> torch.Tensor | None:
         """``[B, L]`` token mask for per-token KD; None for per-example outputs."""
         return None

@@ -187,6 +187,16 @@ class HFEncoderAdapter(Adapter):
             return mean_pool(out.last_hidden_state, inputs.get("attention_mask"))
         return out.logits
 
+    def kd_outputs(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``output`` plus the ``[B, L, hidden]`` output of every encoder layer (pruning keeps the
+        hidden size, so layer ``i`` of a slim model pairs with layer ``i`` of the original)."""
+        inputs = self.model_inputs(batch)
+        out = model(**inputs, output_hidden_states=True)
+        states = list(out.hidden_states[1:])  # [0] is the embeddings' output
+        if _is_bare(model):
+            return mean_pool(out.last_hidden_state, inputs.get("attention_mask")), states
+        return out.logits, states
+
     def example_inputs(self, model: nn.Module, batch_size: int = 2) -> Any:
         g = torch.Generator().manual_seed(0)
         cfg = model.config

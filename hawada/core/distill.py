@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,8 @@ class KDConfig:
     ``alpha_kl``/``alpha_mse``: weights of KL and logit MSE (models with logits).
     ``alpha_cos``/``alpha_emb_mse``: weights of cosine and MSE on embeddings (encoders).
     ``chunk_tokens``: rows per chunk for per-token KL over large vocabularies.
+    ``alpha_hidden``: weight of the per-layer hidden-state loss (:func:`hidden_state_mse`,
+    relative to the teacher's scale), for adapters whose pruned models keep the residual width.
     """
 
     temperature: float = 2.0
@@ -25,11 +29,12 @@ class KDConfig:
     alpha_cos: float = 1.0
     alpha_emb_mse: float = 1.0
     chunk_tokens: int = 4096
+    alpha_hidden: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
             raise ValueError(f"kd temperature must be > 0, got {self.temperature}")
-        for k in ("alpha_kl", "alpha_mse", "alpha_cos", "alpha_emb_mse"):
+        for k in ("alpha_kl", "alpha_mse", "alpha_cos", "alpha_emb_mse", "alpha_hidden"):
             if getattr(self, k) < 0:
                 raise ValueError(f"kd {k} must be >= 0, got {getattr(self, k)}")
         if self.chunk_tokens < 1:
@@ -92,11 +97,14 @@ def hidden_state_mse(
     student_states: Sequence[torch.Tensor],
     teacher_states: Sequence[torch.Tensor],
     mask: torch.Tensor | None = None,
+    relative: bool = False,
 ) -> torch.Tensor:
     """Mean over layer pairs of the masked MSE of ``[B, L, D]`` hidden states (``mask`` ``[B, L]``).
 
-    For decoders whose residual width is unchanged by pruning (heads and FFN are pruned, the
+    For models whose residual width is unchanged by pruning (heads and FFN are pruned, the
     hidden size is not), student and teacher states of the same layer are directly comparable.
+    ``relative``: each layer's MSE is divided by the teacher's mean square on the same positions,
+    so every layer weighs the same whatever the scale of its residual stream.
     """
     if len(student_states) != len(teacher_states) or not student_states:
         raise ValueError(
@@ -105,7 +113,10 @@ def hidden_state_mse(
         )
     total = student_states[0].new_zeros((), dtype=torch.float32)
     for s, t in zip(student_states, teacher_states):
-        total = total + mse_reg(s, t, mask)
+        err = mse_reg(s, t, mask)
+        if relative:
+            err = err / mse_reg(torch.zeros_like(t), t, mask).clamp_min(1e-12)
+        total = total + err
     return total / len(student_states)
 
 
@@ -142,6 +153,56 @@ def distill_loss(
     if cfg.alpha_mse:
         loss = loss + cfg.alpha_mse * mse_reg(student_out, teacher_out, mask)
     return loss
+
+
+def student_teacher_loss(
+    adapter: Any,
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    batch: Any,
+    cfg: KDConfig,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    student_forward: Callable[[Any], tuple] | None = None,
+    teacher_grad_off: Callable[[], AbstractContextManager] = torch.inference_mode,
+) -> torch.Tensor:
+    """The whole distillation loss of one batch: the teacher runs without gradient, the student
+    with; ``distill_loss`` on the adapter's outputs, plus ``cfg.alpha_hidden`` times the relative
+    per-layer hidden-state MSE (masked by ``adapter.kd_mask`` or the batch's attention mask)
+    when ``cfg.alpha_hidden > 0`` (the states come from ``adapter.kd_outputs``).
+
+    ``student_forward(batch) -> (output, states)``: how the student is called (e.g. through
+    DDP; it must compute :func:`kd_outputs_of`); ``teacher_grad_off``: the no-gradient context
+    of the teacher's forward (``torch.no_grad`` for a sharded teacher).
+    """
+    hidden = cfg.alpha_hidden > 0
+    with teacher_grad_off(), autocast():
+        t_out, t_states = kd_outputs_of(adapter, teacher, batch, hidden)
+    t_out = t_out.clone()  # a normal tensor, usable by autograd
+    with autocast():
+        if student_forward is not None:
+            s_out, s_states = student_forward(batch)
+        else:
+            s_out, s_states = kd_outputs_of(adapter, student, batch, hidden)
+    mask = adapter.kd_mask(batch)
+    loss = distill_loss(s_out, t_out, cfg, adapter.kd_kind, mask)
+    if hidden:
+        if mask is None and isinstance(batch, dict):
+            mask = batch.get("attention_mask")
+        t_states = [t.clone() for t in t_states]
+        loss = loss + cfg.alpha_hidden * hidden_state_mse(s_states, t_states, mask, relative=True)
+    return loss
+
+
+def kd_outputs_of(adapter: Any, model: torch.nn.Module, batch: Any, hidden: bool) -> tuple:
+    """``(output, per-layer hidden states or None)`` of ``model`` on ``batch``."""
+    if not hidden:
+        return adapter.output(model, batch), None
+    out, states = adapter.kd_outputs(model, batch)
+    if states is None:
+        raise ValueError(
+            f"kd.alpha_hidden > 0, but the {adapter.family!r} family gives no hidden states to distil"
+        )
+    return out, states
 
 
 # ---------------------------------------------------------------------- agreement metrics

@@ -289,15 +289,15 @@ class ForwardOf(nn.Module):
     """``forward(batch) = fn(model, batch)``: gives DDP one module whose forward is the
     adapter's output, whatever inputs and sub-modules the adapter uses."""
 
-    def __init__(self, model: nn.Module, fn: Callable[[nn.Module, Any], torch.Tensor]) -> None:
+    def __init__(self, model: nn.Module, fn: Callable[[nn.Module, Any], Any]) -> None:
         super().__init__()
         self.model, self.fn = model, fn
 
-    def forward(self, batch: Any) -> torch.Tensor:
+    def forward(self, batch: Any) -> Any:
         return self.fn(self.model, batch)
 
 
-def data_parallel(model: nn.Module, fn: Callable[[nn.Module, Any], torch.Tensor], env: DistEnv) -> nn.Module:
+def data_parallel(model: nn.Module, fn: Callable[[nn.Module, Any], Any], env: DistEnv) -> nn.Module:
     """A module computing ``fn(model, batch)``; wrapped in DDP when distributed.
 
     ``static_graph``: the set of parameters that get gradients is the same every step (e.g. a

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hawada.core.distill import KDConfig, distill_loss
+from hawada.core.distill import KDConfig, kd_outputs_of, student_teacher_loss
 from hawada.core.distributed import SINGLE, DistEnv, data_parallel, on_main
 from hawada.core.train import cycle, to_device
 
@@ -115,7 +115,8 @@ def finetune_student(
             [p for p in student.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.steps))
-        fwd = data_parallel(student, adapter.output, env)
+        hidden = kd.alpha_hidden > 0
+        fwd = data_parallel(student, lambda m, b: kd_outputs_of(adapter, m, b, hidden), env)
         it = cycle(loader)
         bar = None
         if cfg.progress and env.is_main:
@@ -125,9 +126,7 @@ def finetune_student(
         for step in range(1, cfg.steps + 1):
             student.train()
             batch = to_device(next(it), device)
-            with torch.inference_mode():
-                t_out = adapter.output(teacher, batch)
-            loss = distill_loss(fwd(batch), t_out.clone(), kd, adapter.kd_kind, adapter.kd_mask(batch))
+            loss = student_teacher_loss(adapter, student, teacher, batch, kd, student_forward=fwd)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hawada.core.distill import KDConfig, distill_loss
+from hawada.core.distill import KDConfig, kd_outputs_of, student_teacher_loss
 from hawada.core.distributed import (
     SINGLE,
     DistEnv,
@@ -230,10 +230,13 @@ class LagrangeTrainer:
         )
         self.opt_g = torch.optim.Adam([self.store.logits], lr=self.cfg.lr_gates)
         # the student's forward as one module (DDP-wrapped when data-parallel)
+        hidden = self.cfg.kd.alpha_hidden > 0
+
+        def outputs(m: nn.Module, b: Any) -> tuple:
+            return kd_outputs_of(self.adapter, m, b, hidden)
+
         self.student_fwd = (
-            ForwardOf(student, self.adapter.output)
-            if self.sharded
-            else data_parallel(student, self.adapter.output, env)
+            ForwardOf(student, outputs) if self.sharded else data_parallel(student, outputs, env)
         )
         self.replica_checks = 0
         self.lam = torch.zeros((), device=self.device)
@@ -271,13 +274,16 @@ class LagrangeTrainer:
 
     def _kd(self, batch: Any) -> torch.Tensor:
         # a sharded teacher all-gathers its layers into parameters: no inference tensors then
-        grad_off = torch.no_grad() if self.sharded else torch.inference_mode()
-        with grad_off, self._autocast():
-            t_out = self.adapter.output(self.teacher, batch)
-        t_out = t_out.clone()  # a normal tensor, usable by autograd
-        with self._autocast():
-            s_out = self.student_fwd(batch)
-        return distill_loss(s_out, t_out, self.cfg.kd, self.adapter.kd_kind, self.adapter.kd_mask(batch))
+        return student_teacher_loss(
+            self.adapter,
+            self.student,
+            self.teacher,
+            batch,
+            self.cfg.kd,
+            self._autocast,
+            student_forward=self.student_fwd,
+            teacher_grad_off=torch.no_grad if self.sharded else torch.inference_mode,
+        )
 
     def _gate_terms(self, target: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pen = combined_penalty(self.store, self.cfg.penalties)

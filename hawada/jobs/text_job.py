@@ -55,6 +55,22 @@ def embed(
     return torch.cat(out)
 
 
+def set_dropout(model: nn.Module, p: float) -> int:
+    """Set every Dropout module's probability (and the config's dropout fields) to ``p``.
+
+    Distillation matches a deterministic teacher: without dropout the student fits it sooner.
+    Returns the number of modules changed.
+    """
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, nn.Dropout):
+            mod.p, n = p, n + 1
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if hasattr(model.config, key):
+            setattr(model.config, key, p)
+    return n
+
+
 def build_text_job(recipe: Recipe, device: torch.device) -> Job:
     d, m = recipe.data, recipe.model
     adapter = get_adapter(m.family)
@@ -70,6 +86,8 @@ def build_text_job(recipe: Recipe, device: torch.device) -> Job:
     else:
         teacher = AutoModel.from_pretrained(folder, local_files_only=True, **kw)
     teacher.to(device).eval()
+    if m.dropout is not None:
+        set_dropout(teacher, m.dropout)  # the teacher runs in eval mode; the student is its copy
 
     corpus = build_corpus(d.max_chars)
     toks = {k: tokenize(tokenizer, v, d.seq_len) for k, v in corpus.splits.items()}
