@@ -174,3 +174,26 @@ def test_resumed_run_equals_uninterrupted_run_exactly(interrupted):
     assert (out / "slim" / "model.safetensors").read_bytes() == (
         tmp / "ref" / "slim" / "model.safetensors"
     ).read_bytes()
+
+
+def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(tmp_path):
+    """SIGTERM (what a scheduler sends before preempting) is handled like SIGINT: exit 143."""
+    recipe = tmp_path / "tiny.yaml"
+    out = tmp_path / "run"
+    recipe.write_text(yaml.safe_dump({**TINY, "output": {**TINY["output"], "dir": str(out)}}))
+    proc = _optimize(str(recipe))
+    metrics = tmp_path / "run.partial" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(_gate_records(metrics)) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"run ended before it could be stopped: {proc.communicate()[1][-2000:]}"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("hawada: SIGTERM received: stopped after gate step ") and "Traceback" not in err
+    step = int(last.split("gate step ")[1].split(",")[0])
+    ptr = json.loads((tmp_path / "run.partial" / "state" / "checkpoints" / "latest.json").read_text())
+    assert ptr["step"] == step >= 2 and not out.exists()
