@@ -43,7 +43,7 @@ from hawada.core.gates import GateConfig, PenaltyWeights
 from hawada.core.profiler import LatencyResult, Meter, environment_info, latency_meter, summarize_samples
 from hawada.core.proxy_cost import LatencyProxy
 from hawada.core.search_export import grid_search_latency
-from hawada.core.train import LagrangeTrainer, StopRequested, TrainConfig, make_latency_probe
+from hawada.core.train import LagrangeTrainer, NonFiniteError, StopRequested, TrainConfig, make_latency_probe
 
 PARTIAL = ".partial"  # the run folder while a run is unfinished: <output.dir>.partial
 
@@ -624,18 +624,24 @@ def _optimize(
         warmup_steps=ft.warmup_steps,
         eval_every=ft.eval_every,
         bn_recalib_batches=ft.bn_recalib_batches,
+        max_bad_steps=recipe.train.max_bad_steps,
         progress=recipe.progress,
     )
-    slim, ft_hist = finetune_student(
-        slim,
-        teacher,
-        adapter,
-        train_loader,
-        fcfg,
-        kd_config(recipe),
-        evaluate=lambda m: job.evaluate(teacher, m, "val")[job.score_key],
-        env=env,
-    )
+    try:
+        slim, ft_hist = finetune_student(
+            slim,
+            teacher,
+            adapter,
+            train_loader,
+            fcfg,
+            kd_config(recipe),
+            evaluate=lambda m: job.evaluate(teacher, m, "val")[job.score_key],
+            env=env,
+        )
+    except NonFiniteError as e:  # the gate-training checkpoint stands: fine-tuning can be redone
+        raise NonFiniteError(
+            f"{e}; the gate-training checkpoint is kept: hawada optimize --resume {out_dir}"
+        ) from e
 
     # -- honest report: both latencies measured in this run, interleaved (rank 0 measures,
     # evaluates and writes; every rank returns the report)
@@ -667,7 +673,12 @@ def _optimize(
                 "calibration": proxy.calibration,
                 "initial_fit_mape": fit["mape"],
             },
-            "train": {"steps": cfg.steps, "seconds": getattr(trainer, "seconds", None)},
+            "train": {
+                "steps": cfg.steps,
+                "seconds": getattr(trainer, "seconds", None),
+                "skipped_steps": trainer.bad_total,  # non-finite loss or gradient: no update
+                "finetune_skipped_steps": sum(1 for r in ft_hist if r.get("skipped")),
+            },
             "distributed": {**env.to_dict(), "replica_checks": trainer.replica_checks},
             "job": job.info,
             "versions": environment_info(),

@@ -113,3 +113,37 @@ def test_cli_stops_with_exit_2_one_line_and_a_checkpoint(tmp_path, monkeypatch, 
     assert [r["skipped"] for r in recs] == [True] * 3 and recs[0]["kd"] is None  # NaN written as null
     assert any(k.startswith("kept_") for k in recs[0])  # kept fraction per segment kind
     assert os.path.isfile(tmp_path / "run.partial" / "state" / "recipe.json")
+
+
+def test_finetune_skips_non_finite_steps_and_stops_after_k_in_a_row():
+    from hawada.core.finetune import FinetuneConfig, finetune_student
+
+    teacher = tiny_resnet().eval()
+    student = copy.deepcopy(teacher)
+    adapter = get_adapter("resnet")
+    snaps = []
+    cfg = FinetuneConfig(
+        steps=5, lr=1e-2, warmup_steps=0, bn_recalib_batches=0, max_bad_steps=2, progress=False
+    )
+
+    class Loader(list):  # records the student's state as each batch is drawn
+        def __iter__(self):
+            for b in list.__iter__(self):
+                snaps.append({k: v.clone() for k, v in student.state_dict().items() if v.is_floating_point()})
+                yield b
+
+    _, hist = finetune_student(student, teacher, adapter, Loader([(X, Y), (NAN, Y), (X, Y)]), cfg)
+    assert [h.get("skipped", False) for h in hist] == [False, True, False, False, True]
+    # the NaN step (2) changed no weight and no BatchNorm statistic; a good step (1) did
+    for k in snaps[1]:
+        assert torch.equal(snaps[1][k], snaps[2][k]), k
+    assert not torch.equal(snaps[0]["fc.weight"], snaps[1]["fc.weight"])
+    assert all(torch.isfinite(v).all() for v in student.state_dict().values() if v.is_floating_point())
+
+    cfg.max_bad_steps, cfg.steps = 2, 6
+    try:
+        finetune_student(student, teacher, adapter, [(X, Y), (NAN, Y), (NAN, Y)], cfg)
+    except NonFiniteError as e:
+        assert str(e) == "finetune: 2 non-finite steps in a row (loss or gradient), the last at step 3"
+    else:
+        raise AssertionError("no NonFiniteError")

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from hawada.core.distill import KDConfig, kd_outputs_of, student_teacher_loss
-from hawada.core.distributed import SINGLE, DistEnv, data_parallel, on_main
-from hawada.core.train import cycle, to_device
+from hawada.core.distributed import SINGLE, DistEnv, any_rank, data_parallel, local_grads_finite, on_main
+from hawada.core.train import NonFiniteError, cycle, to_device
 
 
 @dataclass
@@ -27,6 +27,7 @@ class FinetuneConfig:
     eval_every: int = 50
     bn_recalib_batches: int = 10
     grad_clip: float = 1.0
+    max_bad_steps: int = 5
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -85,7 +86,10 @@ def finetune_student(
 
     ``evaluate(model) -> score`` (higher is better) runs every ``cfg.eval_every`` steps and
     at the end; the best-scoring weights are kept. BatchNorm statistics are recalibrated on
-    the training data before training and before each evaluation. Data-parallel (``env``):
+    the training data before training and before each evaluation. A step whose loss or gradient
+    is not finite (on any rank) changes nothing (weights, optimizer, BatchNorm statistics) and
+    is recorded as ``skipped``; ``cfg.max_bad_steps`` of them in a row raise
+    :class:`NonFiniteError` naming the step. Data-parallel (``env``):
     ``loader`` yields this rank's slice of each batch, DDP averages the gradients, and the
     evaluation runs on rank 0 with its score broadcast (every rank keeps the same weights).
     """
@@ -123,17 +127,38 @@ def finetune_student(
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.steps, desc="finetune", dynamic_ncols=True)
+        params = [p for p in student.parameters() if p.requires_grad]
+        buffers = list(student.buffers())
+        bad_in_row = 0
         for step in range(1, cfg.steps + 1):
             student.train()
             batch = to_device(next(it), device)
+            saved = [b.clone() for b in buffers]  # BatchNorm statistics a bad batch would poison
             loss = student_teacher_loss(adapter, student, teacher, batch, kd, student_forward=fwd)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-            hist.append({"step": step, "kd": float(loss.detach()), "lr": sched.get_last_lr()[0]})
+            ok = local_grads_finite(params, env) and not any_rank(
+                not bool(torch.isfinite(loss.detach())), env
+            )
+            rec = {"step": step, "kd": float(loss.detach()), "lr": sched.get_last_lr()[0]}
+            if ok:
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                sched.step()
+                bad_in_row = 0
+            else:
+                opt.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    for b, s in zip(buffers, saved):
+                        b.copy_(s)
+                rec["skipped"] = True
+                bad_in_row += 1
+            hist.append(rec)
+            if bad_in_row >= cfg.max_bad_steps:
+                raise NonFiniteError(
+                    f"finetune: {bad_in_row} non-finite steps in a row (loss or gradient), the last at step {step}"
+                )
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(kd=f"{float(loss.detach()):.4f}")
