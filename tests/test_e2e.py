@@ -41,6 +41,15 @@ def test_tiny_recipe_end_to_end(tmp_path, capsys):
         assert lat[side]["median_ms"] > 0 and lat[side]["n"] >= 3
     assert abs(lat["speedup"] - lat["base"]["median_ms"] / lat["slim"]["median_ms"]) < 1e-9
     assert len(rep["search"]["trials"]) == 4
+    # a ratio target: gate training aims at the first start's keep-all, the search at keep-all
+    # measured again right before it; each trial is judged against the latter
+    assert abs(lat["train_target_ms"] - 0.6 * lat["setup_base_ms"]) < 1e-9
+    assert abs(lat["target_ms"] - 0.6 * lat["search_base_ms"]) < 1e-9
+    assert all(t["within_target"] == (t["median_ms"] <= lat["target_ms"]) for t in rep["search"]["trials"])
+    gates = [
+        x for x in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if x["phase"] == "gates"
+    ]
+    assert gates[-1]["target_ms"] == lat["train_target_ms"]
     assert 0 <= rep["agreement"]["top1_agreement"] <= 1 and rep["agreement"]["examples"] > 0
     assert rep["params"]["slim"] <= rep["params"]["base"]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
