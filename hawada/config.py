@@ -151,7 +151,10 @@ class SearchSection:
     multiples: list[int] = _f(factory=lambda: [1, 4, 8, 16])
     modes: list[str] = _f(factory=lambda: ["floor", "nearest", "ceil"])
     fill_probes: int = _f(
-        0, lo=0, help="measured exports to reopen closed gates while within target after the grid; 0: off"
+        0,
+        lo=0,
+        help="measured exports after the grid: reopen closed gates while within target, or close "
+        "open ones until within it; 0: off",
     )
 
 

@@ -40,7 +40,7 @@ from hawada.core.distributed import (
 from hawada.core.export import ExportPolicy, export, param_count, store_of
 from hawada.core.finetune import FinetuneConfig, finetune_student
 from hawada.core.gates import GateConfig, PenaltyWeights
-from hawada.core.profiler import LatencyResult, Meter, environment_info, latency_meter, summarize_samples
+from hawada.core.profiler import LatencyResult, Meter, environment_info, latency_meter, measure_pooled
 from hawada.core.proxy_cost import LatencyProxy
 from hawada.core.search_export import grid_search_latency
 from hawada.core.train import LagrangeTrainer, NonFiniteError, StopRequested, TrainConfig, make_latency_probe
@@ -274,32 +274,6 @@ def set_minimal_keep(store) -> None:
     for s in store.segments:
         new[s.start : s.start + s.min_keep] = 1.0
     store.logits.copy_(new)
-
-
-def measure_pooled(models: list[nn.Module], meter: Meter, rounds: int = 3) -> list[LatencyResult]:
-    """Measure several models in the same run, interleaved A B .. A B .., pooling each one's
-    samples over ``rounds`` (load that comes and goes lands on all of them alike)."""
-    runs: list[list[LatencyResult]] = [[] for _ in models]
-    for _ in range(rounds):
-        for rs, m in zip(runs, models):
-            rs.append(meter(m))
-
-    def pooled(rs: list[LatencyResult]) -> LatencyResult:
-        xs = [x for r in rs for x in r.samples_ms]
-        r = rs[-1]
-        return LatencyResult(
-            **summarize_samples(xs),
-            n=len(xs),
-            device=r.device,
-            dtype=r.dtype,
-            shapes=r.shapes,
-            warmup=r.warmup,
-            timer=r.timer,
-            threads=r.threads,
-            samples_ms=xs,
-        )
-
-    return [pooled(rs) for rs in runs]
 
 
 def measure_pair(
@@ -609,16 +583,15 @@ def _optimize(
         del kd_teacher
         teacher.to(device)
     student.eval()
-    search_target_ms, base_now = target_ms, None
+    search_target_ms, base_now, reference, ratio = target_ms, None, None, None
     if recipe.target.latency_ms is None:
-        # a fraction of keep-all: measure keep-all again now, so that the exports are held to
-        # the machine as it is while they are timed (load that came since the first start
-        # would otherwise move the result's speedup away from the ratio asked for)
+        # a fraction of keep-all: each export is timed right after keep-all and held to the ratio
+        # of that measurement, so load that comes and goes on the machine moves both alike
         base_now = on_main(env, lambda: measure_pooled([teacher], meter, rounds=2)[0].median_ms)
-        search_target_ms = recipe.target.ratio * base_now
+        search_target_ms, reference, ratio = recipe.target.ratio * base_now, teacher, recipe.target.ratio
         log(
-            f"keep-all now {base_now:.2f} ms (first start {setup['base_ms']:.2f} ms): "
-            f"exports are held to {search_target_ms:.2f} ms"
+            f"keep-all now {base_now:.2f} ms (first start {setup['base_ms']:.2f} ms): each export is "
+            f"held to {ratio:g} x keep-all timed next to it (now {search_target_ms:.2f} ms)"
         )
     search = on_main(
         env,
@@ -629,6 +602,8 @@ def _optimize(
             recipe.search.multiples,
             recipe.search.modes,
             fill_probes=recipe.search.fill_probes,
+            reference=reference,
+            ratio=ratio,
         ),
     )
     log(
@@ -680,7 +655,7 @@ def _optimize(
                 "base": t_base.to_dict(),
                 "slim": t_slim.to_dict(),
                 "speedup": t_base.median_ms / t_slim.median_ms,
-                "target_ms": search_target_ms,  # what the export was chosen against
+                "target_ms": search_target_ms,  # ratio x keep-all measured before the search
                 "train_target_ms": target_ms,  # what gate training aimed its proxy at
                 "setup_base_ms": setup["base_ms"],
                 "search_base_ms": base_now,

@@ -8,8 +8,14 @@ import hawada
 from hawada.adapters.base import get_adapter
 from hawada.core.export import keep_counts, param_count
 from hawada.core.finetune import FinetuneConfig, finetune_student, lr_lambda, recalibrate_batchnorm
-from hawada.core.profiler import latency_meter
-from hawada.core.search_export import choose_trial, closed_gates_by_logit, grid_search_latency
+from hawada.core.profiler import LatencyResult, latency_meter, summarize_samples
+from hawada.core.search_export import (
+    Judge,
+    choose_trial,
+    closed_gates_by_logit,
+    grid_search_latency,
+    open_gates_by_logit,
+)
 from tests.helpers import tiny_resnet
 
 X = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -105,6 +111,99 @@ def test_fill_reopens_gates_up_to_the_target_and_no_further():
     # no fill when the grid itself is over the target
     none = grid_search_latency(g, 1e-3, meter, multiples=(1,), modes=("floor",), fill_probes=4)
     assert not none.met_target and all(t["mode"] != "fill" for t in none.trials)
+
+
+def test_open_gates_come_lowest_logit_first_and_stop_at_min_keep():
+    g = gated_random()
+    st = hawada.gates(g)
+    counts = keep_counts(st)
+    cands = open_gates_by_logit(st, counts)
+    assert len(cands) == sum(max(0, -(-counts[s.name] // s.group_size) - s.min_keep) for s in st.segments)
+    lg = {
+        s.name: torch.sort(st.logits[s.start : s.stop].detach(), descending=True).values for s in st.segments
+    }
+    seen: dict[str, int] = {}
+    last = -float("inf")
+    for name, k in cands:
+        s = st.segment(name)
+        j = -(-counts[name] // s.group_size) - 1 - seen.get(name, 0)
+        seen[name] = seen.get(name, 0) + 1
+        assert j >= s.min_keep and k == min(s.units, j * s.group_size)  # counts shrink gate by gate
+        assert float(lg[name][j]) >= last  # lowest logit first over all segments
+        last = float(lg[name][j])
+
+
+def test_trim_closes_gates_down_to_the_target_and_no_further():
+    g = gated_random()
+    st = hawada.gates(g)
+    meter = ParamMeter()
+    floor = grid_search_latency(g, 1e9, meter, multiples=(1,), modes=("floor",))
+    target = 0.8 * floor.best["median_ms"]  # the trained keep set is over the target
+    res = grid_search_latency(g, target, meter, multiples=(1,), modes=("floor",), fill_probes=12)
+    trims = [t for t in res.trials if t["mode"] == "trim"]
+    assert trims and res.best["mode"] == "trim" and res.met_target
+    assert res.best["median_ms"] <= target < floor.best["median_ms"]
+    assert res.best["closed"] == min(t["closed"] for t in trims if t["within_target"])
+    # the binary search converged: one gate fewer closed would have been over the target
+    under = [t["closed"] for t in trims if not t["within_target"]]
+    assert under and max(under) == res.best["closed"] - 1
+    slim = hawada.export(g, res.policy)  # the export check holds for the trimmed keep set
+    assert meter(slim).median_ms == res.best["median_ms"]
+    counts = keep_counts(st, res.policy)
+    assert all(counts[s.name] >= min(s.units, s.min_keep * s.group_size) for s in st.segments)
+    # a target below the smallest allowed keep set: trimmed to it, and reported as not met
+    none = grid_search_latency(g, 1e-3, meter, multiples=(1,), modes=("floor",), fill_probes=12)
+    assert not none.met_target and none.best["mode"] == "trim"
+    assert none.best["closed"] == len(open_gates_by_logit(st, keep_counts(st, floor.policy)))
+
+
+class DriftMeter:
+    """1 ms per 1000 parameters times a load that grows 4 % with every call (a machine getting
+    busier while the search runs)."""
+
+    def __init__(self):
+        self.load = 1.0
+
+    def __call__(self, model):
+        ms = param_count(model) / 1000.0 * self.load
+        self.load *= 1.04
+        return LatencyResult(
+            **summarize_samples([ms]),
+            n=1,
+            device="cpu",
+            dtype="float32",
+            shapes=[],
+            warmup=0,
+            timer="test",
+            threads=1,
+            samples_ms=[ms],
+        )
+
+
+def test_a_ratio_target_is_judged_against_keep_all_timed_next_to_each_export():
+    g = gated_random()
+    full = hawada.export_keepall(g)
+    keep_ms = param_count(full) / 1000.0
+    res = grid_search_latency(
+        g,
+        0.5 * keep_ms,
+        DriftMeter(),
+        multiples=(1,),
+        modes=("floor",),
+        fill_probes=12,
+        reference=full,
+        ratio=0.5,
+    )
+    assert res.met_target and len(res.trials) > 3
+    for t in res.trials:  # each trial: keep-all then the export, the limit from that keep-all
+        assert t["limit_ms"] == pytest.approx(0.5 * t["reference_ms"])
+        assert t["within_target"] == (t["median_ms"] <= t["limit_ms"])
+    # the chosen export is within half of keep-all up to one call's drift, although the load
+    # has grown far beyond that since the first trial
+    assert param_count(hawada.export(g, res.policy)) <= 0.5 * 1.04 * param_count(full)
+    assert res.trials[-1]["reference_ms"] > 1.3 * keep_ms
+    with pytest.raises(ValueError, match="go together"):
+        Judge(1.0, DriftMeter(), reference=full)
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():

@@ -435,3 +435,29 @@ def environment_info() -> dict:
     if torch.cuda.is_available():
         v["gpu"] = torch.cuda.get_device_name()
     return v
+
+
+def measure_pooled(models: list[nn.Module], meter: Meter, rounds: int = 3) -> list[LatencyResult]:
+    """Measure several models in the same run, interleaved A B .. A B .., pooling each one's
+    samples over ``rounds`` (load that comes and goes lands on all of them alike)."""
+    runs: list[list[LatencyResult]] = [[] for _ in models]
+    for _ in range(rounds):
+        for rs, m in zip(runs, models):
+            rs.append(meter(m))
+
+    def pooled(rs: list[LatencyResult]) -> LatencyResult:
+        xs = [x for r in rs for x in r.samples_ms]
+        r = rs[-1]
+        return LatencyResult(
+            **summarize_samples(xs),
+            n=len(xs),
+            device=r.device,
+            dtype=r.dtype,
+            shapes=r.shapes,
+            warmup=r.warmup,
+            timer=r.timer,
+            threads=r.threads,
+            samples_ms=xs,
+        )
+
+    return [pooled(rs) for rs in runs]

@@ -19,7 +19,7 @@ from hawada.core.export import (
     store_of,
 )
 from hawada.core.export import export as export_model
-from hawada.core.profiler import Meter
+from hawada.core.profiler import LatencyResult, Meter, measure_pooled
 
 
 @dataclass
@@ -32,6 +32,32 @@ class SearchResult:
     met_target: bool = True
 
 
+class Judge:
+    """Measures one export and says whether it is within target.
+
+    Without ``reference``: one ``meter`` call, within target when its median is <= ``target_ms``.
+    With ``reference`` (the keep-all model) and ``ratio``: the reference and the export are
+    measured back to back, and the export is within target when its median is <= ``ratio`` x
+    the reference's; load that comes and goes on the machine then moves both sides alike.
+    """
+
+    def __init__(
+        self, target_ms: float, meter: Meter, reference: nn.Module | None = None, ratio: float | None = None
+    ) -> None:
+        if (reference is None) != (ratio is None):
+            raise ValueError("a reference model and a target ratio go together")
+        self.target_ms, self.meter, self.reference, self.ratio = target_ms, meter, reference, ratio
+
+    def __call__(self, slim: nn.Module) -> tuple[LatencyResult, bool, dict]:
+        """(the export's latency, within target, fields to add to the trial)."""
+        if self.reference is None:
+            res = self.meter(slim)
+            return res, res.median_ms <= self.target_ms, {}
+        ref, res = measure_pooled([self.reference, slim], self.meter, rounds=1)
+        limit = float(self.ratio) * ref.median_ms
+        return res, res.median_ms <= limit, {"reference_ms": ref.median_ms, "limit_ms": limit}
+
+
 def grid_search_latency(
     gated: nn.Module,
     target_ms: float,
@@ -40,16 +66,22 @@ def grid_search_latency(
     modes: Sequence[str] = ("floor", "nearest", "ceil"),
     kinds: Sequence[str] | None = None,
     fill_probes: int = 0,
+    reference: nn.Module | None = None,
+    ratio: float | None = None,
 ) -> SearchResult:
     """Export and measure EVERY (multiple, mode) combination; pick the best.
 
-    Best = among trials whose measured median is within ``target_ms``, the one that keeps the
-    most gate probability mass (ties: the faster); when none is within target, the fastest.
-    ``meter(model)`` measures one exported model on the target (see ``latency_meter``).
-    ``kinds``: the segment kinds the rounding applies to (default: all).
-    ``fill_probes`` > 0: then reopen closed gates while the export stays within target
-    (:func:`fill_to_target`, that many measured exports); its trials are recorded as mode ``fill``.
+    Best = among trials within target, the one that keeps the most gate probability mass (ties:
+    the faster); when none is within target, the fastest. ``meter(model)`` measures one exported
+    model on the target (see ``latency_meter``). Within target: median <= ``target_ms``, or, with
+    ``reference`` and ``ratio``, median <= ``ratio`` x the reference measured just before it
+    (:class:`Judge`). ``kinds``: the segment kinds the rounding applies to (default: all).
+    ``fill_probes`` > 0: when the best trial is within target, reopen closed gates while the export
+    stays within it (:func:`fill_to_target`, mode ``fill``); when none is, close the open gates
+    with the lowest logits until one is (:func:`trim_to_target`, mode ``trim``); at most that
+    many measured exports either way.
     """
+    judge = Judge(target_ms, meter, reference, ratio)
     store = store_of(gated)
     trials: list[dict] = []
     for multiple, mode in itertools.product(multiples, modes):
@@ -57,29 +89,33 @@ def grid_search_latency(
         policy = ExportPolicy(
             rounding=None, per_kind={k: r for k in (kinds or {s.kind for s in store.segments})}
         )
-        keep = keep_indices(store, policy)
-        slim = export_model(gated, policy)
-        res = meter(slim)
-        trials.append(
-            {
-                "multiple": int(multiple),
-                "mode": mode,
-                "median_ms": res.median_ms,
-                "spread_ms": res.spread_ms,
-                "n": res.n,
-                "gate_mass": kept_gate_mass(store, keep),
-                "params": param_count(slim),
-                "within_target": res.median_ms <= target_ms,
-                "_policy": policy,
-            }
-        )
+        trials.append(_trial(gated, policy, judge, {"multiple": int(multiple), "mode": mode}))
     best, met = choose_trial(trials)
-    if fill_probes > 0 and met:
-        fills = fill_to_target(gated, best["_policy"], target_ms, meter, fill_probes)
-        trials += fills
+    if fill_probes > 0:
+        step = fill_to_target if met else trim_to_target
+        trials += step(gated, best["_policy"], judge, fill_probes)
         best, met = choose_trial(trials)
     clean = [{k: v for k, v in t.items() if k != "_policy"} for t in trials]
     return SearchResult(best["_policy"], {k: v for k, v in best.items() if k != "_policy"}, clean, met)
+
+
+def _trial(gated: nn.Module, policy: ExportPolicy, judge: Judge, fields: dict) -> dict:
+    """Export ``gated`` under ``policy``, measure it, and describe it as a trial."""
+    store = store_of(gated)
+    keep = keep_indices(store, policy)
+    slim = export_model(gated, policy)
+    res, ok, extra = judge(slim)
+    return {
+        **fields,
+        "median_ms": res.median_ms,
+        "spread_ms": res.spread_ms,
+        "n": res.n,
+        **extra,
+        "gate_mass": kept_gate_mass(store, keep),
+        "params": param_count(slim),
+        "within_target": ok,
+        "_policy": policy,
+    }
 
 
 def closed_gates_by_logit(store, counts: dict[str, int]) -> list[tuple[str, int]]:
@@ -97,11 +133,25 @@ def closed_gates_by_logit(store, counts: dict[str, int]) -> list[tuple[str, int]
     return [(name, k) for _, name, k in cands]
 
 
-def fill_to_target(
-    gated: nn.Module, policy: ExportPolicy, target_ms: float, meter: Meter, probes: int
-) -> list[dict]:
+def open_gates_by_logit(store, counts: dict[str, int]) -> list[tuple[str, int]]:
+    """The gates a keep set holds above each segment's ``min_keep``, as ``(segment name, count
+    once closed)``, lowest logit first over all segments; a segment's entries are in its own
+    reverse logit order, so closing the first ``n`` entries is the keep set with each segment's
+    count lowered to its last entry."""
+    lg = store.logits.detach().cpu()
+    cands: list[tuple[float, str, int]] = []
+    for s in store.segments:
+        kept_groups = -(-int(counts[s.name]) // s.group_size)
+        order = torch.sort(lg[s.start : s.stop], descending=True, stable=True).values
+        for j in range(kept_groups - 1, s.min_keep - 1, -1):
+            cands.append((float(order[j]), s.name, min(s.units, j * s.group_size)))
+    cands.sort(key=lambda c: c[0])  # stable: a segment's own order is kept among equal logits
+    return [(name, k) for _, name, k in cands]
+
+
+def fill_to_target(gated: nn.Module, policy: ExportPolicy, judge: Judge, probes: int) -> list[dict]:
     """Trials of ``policy`` plus the ``n`` closed gates with the highest logits, ``n`` found by a
-    binary search of ``probes`` measured exports for the largest ``n`` within ``target_ms``.
+    binary search of ``probes`` measured exports for the largest ``n`` within target.
 
     Gate training lands below the target when its proxy over-predicts the latency of small
     models; measured exports give that margin back as capacity. Every trial is returned
@@ -116,30 +166,50 @@ def fill_to_target(
         if lo >= hi:
             break
         n = (lo + hi + 1) // 2
-        counts = dict(base)
-        for name, k in cands[:n]:
-            counts[name] = max(counts[name], k)
-        trial_policy = ExportPolicy(check=policy.check, tolerance=policy.tolerance, counts=counts)
-        keep = keep_indices(store, trial_policy)
-        slim = export_model(gated, trial_policy)
-        res = meter(slim)
-        ok = res.median_ms <= target_ms
-        trials.append(
-            {
-                "multiple": 1,
-                "mode": "fill",
-                "reopened": n,
-                "median_ms": res.median_ms,
-                "spread_ms": res.spread_ms,
-                "n": res.n,
-                "gate_mass": kept_gate_mass(store, keep),
-                "params": param_count(slim),
-                "within_target": ok,
-                "_policy": trial_policy,
-            }
+        t = _trial(
+            gated, _moved(policy, base, cands[:n], max), judge, {"multiple": 1, "mode": "fill", "reopened": n}
         )
-        lo, hi = (n, hi) if ok else (lo, n - 1)
+        trials.append(t)
+        lo, hi = (n, hi) if t["within_target"] else (lo, n - 1)
     return trials
+
+
+def trim_to_target(gated: nn.Module, policy: ExportPolicy, judge: Judge, probes: int) -> list[dict]:
+    """Trials of ``policy`` less the ``n`` open gates with the lowest logits (never below a
+    segment's ``min_keep``), ``n`` found by a binary search of ``probes`` measured exports for the
+    smallest ``n`` within target.
+
+    Gate training lands above the target when its proxy under-predicts, or when the machine ran
+    slower while the target was set. Every trial is returned (``mode`` ``trim``, ``closed`` = n),
+    each with its policy under ``_policy``.
+    """
+    store = store_of(gated)
+    base = keep_counts(store, policy)
+    cands = open_gates_by_logit(store, base)
+    trials: list[dict] = []
+    lo, hi, hi_ok = 0, len(cands), False  # lo: known over target; hi: the fewest that may be within
+    for _ in range(probes):
+        if lo >= hi or (hi_ok and hi - lo <= 1):
+            break
+        n = (lo + hi + 1) // 2  # in (lo, hi]
+        t = _trial(
+            gated, _moved(policy, base, cands[:n], min), judge, {"multiple": 1, "mode": "trim", "closed": n}
+        )
+        trials.append(t)
+        if t["within_target"]:
+            hi, hi_ok = n, True
+        else:
+            lo = n
+    return trials
+
+
+def _moved(policy: ExportPolicy, base: dict[str, int], moves: list[tuple[str, int]], pick) -> ExportPolicy:
+    """``policy`` as explicit counts: ``base`` with each move ``(segment, count)`` applied by ``pick``
+    (``max`` reopens, ``min`` closes)."""
+    counts = dict(base)
+    for name, k in moves:
+        counts[name] = pick(counts[name], k)
+    return ExportPolicy(check=policy.check, tolerance=policy.tolerance, counts=counts)
 
 
 def choose_trial(trials: list[dict]) -> tuple[dict, bool]:
