@@ -59,7 +59,12 @@ def main() -> None:
                 "slim_ms": {k: lat["slim"][k] for k in ("median_ms", "p20_ms", "p80_ms", "n")},
                 "speedup": lat["speedup"],
                 "target_ms": lat["target_ms"],
+                "train_target_ms": lat["train_target_ms"],
+                "setup_base_ms": lat["setup_base_ms"],
                 "met_target": rep["search"]["met_target"],
+                "chosen": {
+                    k: rep["search"]["chosen"].get(k) for k in ("mode", "reopened", "closed", "limit_ms")
+                },
                 "agreement": rep["agreement"],
                 "params_ratio": rep["params"]["ratio"],
                 "slim_layout": rep["layout"]["slim"]["layers"],
