@@ -40,7 +40,7 @@ from hawada.core.distributed import (
 from hawada.core.export import ExportPolicy, export, param_count, store_of
 from hawada.core.finetune import FinetuneConfig, finetune_student
 from hawada.core.gates import GateConfig, PenaltyWeights
-from hawada.core.profiler import LatencyResult, Meter, environment_info, latency_meter, measure_pooled
+from hawada.core.profiler import Meter, environment_info, latency_meter, measure_pooled
 from hawada.core.proxy_cost import LatencyProxy
 from hawada.core.search_export import grid_search_latency
 from hawada.core.train import LagrangeTrainer, NonFiniteError, StopRequested, TrainConfig, make_latency_probe
@@ -276,14 +276,6 @@ def set_minimal_keep(store) -> None:
     store.logits.copy_(new)
 
 
-def measure_pair(
-    a: nn.Module, b: nn.Module, meter: Meter, rounds: int = 3
-) -> tuple[LatencyResult, LatencyResult]:
-    """Measure two models in the same run, interleaved A B A B ..., pooling the samples."""
-    ra, rb = measure_pooled([a, b], meter, rounds)
-    return ra, rb
-
-
 def optimize(recipe: Recipe, log: Callable[[str], None] = print, resume: bool = False) -> dict:
     """Run the whole job of a validated recipe; returns the report (also written as JSON).
 
@@ -428,7 +420,7 @@ def _optimize(
         with torch.no_grad():
             store.logits.copy_(saved)
         meter(teacher)
-        base_r, min_r = measure_pair(teacher, minimal, meter)
+        base_r, min_r = measure_pooled([teacher, minimal], meter)
         base_ms, min_ms = base_r.median_ms, min_r.median_ms
         del minimal
         target_ms = (
@@ -583,21 +575,15 @@ def _optimize(
         del kd_teacher
         teacher.to(device)
     student.eval()
-    search_target_ms, base_now, reference, ratio = target_ms, None, None, None
-    if recipe.target.latency_ms is None:
-        # a fraction of keep-all: each export is timed right after keep-all and held to the ratio
-        # of that measurement, so load that comes and goes on the machine moves both alike
-        base_now = on_main(env, lambda: measure_pooled([teacher], meter, rounds=2)[0].median_ms)
-        search_target_ms, reference, ratio = recipe.target.ratio * base_now, teacher, recipe.target.ratio
-        log(
-            f"keep-all now {base_now:.2f} ms (first start {setup['base_ms']:.2f} ms): each export is "
-            f"held to {ratio:g} x keep-all timed next to it (now {search_target_ms:.2f} ms)"
-        )
+    # a fraction of keep-all: each export is timed right after keep-all and held to the ratio of
+    # that measurement, so load that comes and goes on the machine moves both sides alike
+    by_ratio = recipe.target.latency_ms is None
+    reference, ratio = (teacher, recipe.target.ratio) if by_ratio else (None, None)
     search = on_main(
         env,
         lambda: grid_search_latency(
             student,
-            search_target_ms,
+            target_ms,
             meter,
             recipe.search.multiples,
             recipe.search.modes,
@@ -606,9 +592,13 @@ def _optimize(
             ratio=ratio,
         ),
     )
+    # the target the chosen export was held to: the ratio of the keep-all timed next to it
+    base_now = search.best["reference_ms"] if by_ratio else None
+    search_target_ms = search.best["limit_ms"] if by_ratio else target_ms
     log(
         f"search: {len(search.trials)} exports measured; chose multiple={search.best['multiple']} "
-        f"mode={search.best['mode']} ({search.best['median_ms']:.2f} ms)"
+        f"mode={search.best['mode']} ({search.best['median_ms']:.2f} ms, target {search_target_ms:.2f} ms"
+        + (f" = {ratio:g} x keep-all {base_now:.2f} ms timed next to it)" if by_ratio else ")")
     )
     policy = search.policy
     if recipe.export.uniform:
@@ -645,7 +635,7 @@ def _optimize(
     # -- honest report: both latencies measured in this run, interleaved (rank 0 measures,
     # evaluates and writes; every rank returns the report)
     def finish() -> dict:
-        t_base, t_slim = measure_pair(teacher, slim, meter)
+        t_base, t_slim = measure_pooled([teacher, slim], meter)
         metrics = job.evaluate(teacher, slim, "test")
         report = {
             "name": recipe.name,
@@ -655,7 +645,7 @@ def _optimize(
                 "base": t_base.to_dict(),
                 "slim": t_slim.to_dict(),
                 "speedup": t_base.median_ms / t_slim.median_ms,
-                "target_ms": search_target_ms,  # ratio x keep-all measured before the search
+                "target_ms": search_target_ms,  # what the chosen export was held to
                 "train_target_ms": target_ms,  # what gate training aimed its proxy at
                 "setup_base_ms": setup["base_ms"],
                 "search_base_ms": base_now,
