@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hawada.core.profiler import environment_info  # noqa: E402
-from hawada.lm_data import BOS, EOS, PAD, VOCAB_SIZE, stdlib_splits  # noqa: E402
+from hawada.data.lm import BOS, EOS, PAD, VOCAB_SIZE, stdlib_splits  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(ROOT, ".hawada_cache", "tiny-llama")

@@ -13,8 +13,8 @@ transformers = pytest.importorskip("transformers")
 from hawada.adapters.hf_decoder import CheckpointError, VocabMismatchError, layer_widths  # noqa: E402
 from hawada.config import recipe_from_dict  # noqa: E402
 from hawada.core.distill import kd_loss  # noqa: E402
+from hawada.data.lm import BOS, EOS, VOCAB_SIZE, decode, encode, split_tokens, stdlib_files  # noqa: E402
 from hawada.jobs.lm_job import DecodeStep, PrefillDecode, build_lm_job  # noqa: E402
-from hawada.lm_data import BOS, EOS, VOCAB_SIZE, decode, encode, split_tokens, stdlib_files  # noqa: E402
 
 
 def tiny_teacher(path: str, vocab: int = VOCAB_SIZE) -> None:

@@ -12,8 +12,7 @@ import torch
 
 import hawada
 from hawada.config import load_recipe
-from hawada.jobs.text_job import build_text_job, packaged_minilm_folder
-from hawada.text import (
+from hawada.data.text import (
     TextBatches,
     TextDataError,
     Tokenized,
@@ -22,6 +21,7 @@ from hawada.text import (
     passages,
     split_of,
 )
+from hawada.jobs.text_job import build_text_job, packaged_minilm_folder
 
 RECIPE = os.path.join(os.path.dirname(__file__), "..", "recipes", "cpu", "minilm-l6.yaml")
 

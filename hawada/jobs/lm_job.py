@@ -1,6 +1,6 @@
 """Causal language-model jobs (``data.kind: stdlib_source``) for the ``hf_decoder`` family.
 
-The corpus is the standard library's source (:mod:`hawada.lm_data`), tokenised by the model
+The corpus is the standard library's source (:mod:`hawada.data.lm`), tokenised by the model
 folder's packaged tokenizer when it ships one, else byte-level. What is timed follows the
 recipe's ``target`` section:
 
@@ -22,7 +22,7 @@ from torch import nn
 from hawada.adapters.base import get_adapter
 from hawada.adapters.hf_decoder import CheckpointError, VocabMismatchError, check_same_vocab
 from hawada.config import Recipe
-from hawada.lm_data import Tokenizer, stdlib_splits
+from hawada.data.lm import Tokenizer, stdlib_splits
 from hawada.pipeline import Job
 
 

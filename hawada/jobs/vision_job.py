@@ -9,14 +9,14 @@ from torch import nn
 
 from hawada.adapters.base import get_adapter
 from hawada.config import Recipe
-from hawada.pipeline import Job
-from hawada.vision import (
+from hawada.data.vision import (
     DataError,
     classification_metrics,
     digits_splits,
     imagefolder_splits,
     train_classifier,
 )
+from hawada.pipeline import Job
 
 
 def build_vision_job(recipe: Recipe, device: torch.device) -> Job:
