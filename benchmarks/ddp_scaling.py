@@ -43,7 +43,7 @@ def worker(out: str) -> None:
     from hawada.core.distributed import ShardedBatches, barrier, init_from_env, shutdown
     from hawada.core.proxy_cost import LatencyProxy
     from hawada.core.train import LagrangeTrainer, TrainConfig
-    from hawada.jobs.text_job import packaged_minilm_folder
+    from hawada.jobs.text import packaged_minilm_folder
 
     env = init_from_env("cpu")
     torch.manual_seed(0)

@@ -23,7 +23,7 @@ from common import interleaved, write_result
 
 from hawada.adapters.hf_decoder import layer_widths, load_causal_lm
 from hawada.data.lm import stdlib_splits
-from hawada.jobs.lm_job import DecodeStep, PrefillStep, lm_metrics
+from hawada.jobs.lm import DecodeStep, PrefillStep, lm_metrics
 from hawada.slim_io import load_slim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

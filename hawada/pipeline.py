@@ -199,15 +199,15 @@ def seed_everything(seed: int) -> None:
 def build_job(recipe: Recipe, device: torch.device) -> Job:
     """The job for the recipe's data kind (each kind lives in its own module)."""
     if recipe.data.kind in ("digits", "imagefolder"):
-        from hawada.jobs.vision_job import build_vision_job
+        from hawada.jobs.vision import build_vision_job
 
         return build_vision_job(recipe, device)
     if recipe.data.kind == "stdlib_docstrings":
-        from hawada.jobs.text_job import build_text_job
+        from hawada.jobs.text import build_text_job
 
         return build_text_job(recipe, device)
     if recipe.data.kind == "stdlib_source":
-        from hawada.jobs.lm_job import build_lm_job
+        from hawada.jobs.lm import build_lm_job
 
         return build_lm_job(recipe, device)
     raise ValueError(f"data.kind {recipe.data.kind!r} has no job")

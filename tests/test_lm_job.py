@@ -14,7 +14,7 @@ from hawada.adapters.hf_decoder import CheckpointError, VocabMismatchError, laye
 from hawada.config import recipe_from_dict  # noqa: E402
 from hawada.core.distill import kd_loss  # noqa: E402
 from hawada.data.lm import BOS, EOS, VOCAB_SIZE, decode, encode, split_tokens, stdlib_files  # noqa: E402
-from hawada.jobs.lm_job import DecodeStep, PrefillDecode, build_lm_job  # noqa: E402
+from hawada.jobs.lm import DecodeStep, PrefillDecode, build_lm_job  # noqa: E402
 
 
 def tiny_teacher(path: str, vocab: int = VOCAB_SIZE) -> None:

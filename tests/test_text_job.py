@@ -21,7 +21,7 @@ from hawada.data.text import (
     passages,
     split_of,
 )
-from hawada.jobs.text_job import build_text_job, packaged_minilm_folder
+from hawada.jobs.text import build_text_job, packaged_minilm_folder
 
 RECIPE = os.path.join(os.path.dirname(__file__), "..", "recipes", "cpu", "minilm-l6.yaml")
 
@@ -162,7 +162,7 @@ def test_minilm_recipe_smoke_run(tmp_path) -> None:
 def test_set_dropout_reaches_every_dropout_and_the_config() -> None:
     from transformers import BertConfig, BertModel
 
-    from hawada.jobs.text_job import set_dropout
+    from hawada.jobs.text import set_dropout
 
     cfg = BertConfig(
         vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24
