@@ -20,7 +20,8 @@ import torch  # noqa: E402
 from common import write_result  # noqa: E402
 
 from hawada.config import load_recipe  # noqa: E402
-from hawada.pipeline import build_job, gate_config, make_meter  # noqa: E402
+from hawada.jobs import build_job  # noqa: E402
+from hawada.pipeline import gate_config, make_meter  # noqa: E402
 from hawada.profile import proxy_fidelity  # noqa: E402
 
 RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "recipes", "cpu", "minilm-l6.yaml")

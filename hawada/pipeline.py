@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hawada.adapters.base import Adapter, get_adapter
+from hawada.adapters.base import get_adapter
 from hawada.config import Recipe, recipe_from_dict
 from hawada.core.calibrate import calibration_logits, measure_subarchs
 from hawada.core.checkpoint import atomic_write_bytes, has_checkpoint, load_checkpoint, save_checkpoint
@@ -44,6 +44,7 @@ from hawada.core.profiler import Meter, environment_info, latency_meter, measure
 from hawada.core.proxy_cost import LatencyProxy
 from hawada.core.search_export import grid_search_latency
 from hawada.core.train import LagrangeTrainer, NonFiniteError, StopRequested, TrainConfig, make_latency_probe
+from hawada.jobs import Job, build_job
 
 PARTIAL = ".partial"  # the run folder while a run is unfinished: <output.dir>.partial
 
@@ -164,27 +165,6 @@ class _NoLog:
         pass
 
 
-@dataclass
-class Job:
-    """What one data kind + model family needs from the pipeline.
-
-    ``evaluate(teacher, student)`` returns agreement metrics; ``score_key`` names the one
-    fine-tuning maximises. ``latency_inputs`` is the batch latency is measured at;
-    ``timed(model)``, when set, is what is timed instead of the plain model (e.g. a decode step).
-    """
-
-    adapter: Adapter
-    teacher: nn.Module
-    train_loader: Any
-    val_loader: Any
-    latency_inputs: Any
-    evaluate: Callable[[nn.Module, nn.Module, str], dict]
-    score_key: str
-    save: Callable[[nn.Module, str], None]
-    info: dict
-    timed: Callable[[nn.Module], Any] | None = None
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -194,23 +174,6 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed)
     except ImportError:
         pass
-
-
-def build_job(recipe: Recipe, device: torch.device) -> Job:
-    """The job for the recipe's data kind (each kind lives in its own module)."""
-    if recipe.data.kind in ("digits", "imagefolder"):
-        from hawada.jobs.vision import build_vision_job
-
-        return build_vision_job(recipe, device)
-    if recipe.data.kind == "stdlib_docstrings":
-        from hawada.jobs.text import build_text_job
-
-        return build_text_job(recipe, device)
-    if recipe.data.kind == "stdlib_source":
-        from hawada.jobs.lm import build_lm_job
-
-        return build_lm_job(recipe, device)
-    raise ValueError(f"data.kind {recipe.data.kind!r} has no job")
 
 
 def gate_config(recipe: Recipe) -> GateConfig:

@@ -66,7 +66,8 @@ def profile_recipe(
     recipe: Recipe, fidelity: bool = False, points: int = 20, log: Callable[[str], None] = print
 ) -> dict:
     """Keep-all latency of the recipe's model at its target batch; with ``fidelity``, the proxy's error."""
-    from hawada.pipeline import build_job, gate_config, make_meter
+    from hawada.jobs import build_job
+    from hawada.pipeline import gate_config, make_meter
 
     r = copy.deepcopy(recipe)
     r.teacher.epochs = 0  # latency does not depend on the weights' values

@@ -23,7 +23,7 @@ from hawada.adapters.base import get_adapter
 from hawada.adapters.hf_decoder import CheckpointError, VocabMismatchError, check_same_vocab
 from hawada.config import Recipe
 from hawada.data.lm import Tokenizer, stdlib_splits
-from hawada.pipeline import Job
+from hawada.jobs.base import Job, register_job
 
 
 def _cache_of(out):
@@ -123,6 +123,7 @@ def lm_metrics(teacher: nn.Module, student: nn.Module, loader, device: torch.dev
     }
 
 
+@register_job("stdlib_source")
 def build_lm_job(recipe: Recipe, device: torch.device) -> Job:
     d, m, tgt = recipe.data, recipe.model, recipe.target
     adapter = get_adapter(m.family)

