@@ -17,6 +17,7 @@ from hawada.ops.backend import (
 from hawada.ops.gated_linear import gated_linear, gated_linear_backward_ref, gated_linear_ref
 from hawada.ops.gates import (
     GATE_MODES,
+    GateMode,
     PenaltyTerms,
     SegmentTable,
     gate_penalties,
@@ -33,6 +34,7 @@ __all__ = [
     "BACKENDS",
     "GATE_MODES",
     "BackendUnavailableError",
+    "GateMode",
     "PenaltyTerms",
     "SegmentTable",
     "backend_setting",
