@@ -177,6 +177,28 @@ def test_override_forces_unit_masks():
     assert not torch.equal(st.unit_mask("a"), forced)
 
 
+def test_logits_as_sets_and_restores_the_logits():
+    st = make_store()
+    before = torch.linspace(-2, 2, len(st))
+    with torch.no_grad():
+        st.logits.copy_(before)
+    other = torch.arange(len(st), dtype=torch.float32) - 4.5
+    with st.logits_as(other):
+        assert torch.equal(st.logits.detach(), other)
+        assert st.open_units().tolist() == [0.0, 4.0, 1.0]
+        assert st.logits.grad_fn is None and st.logits.requires_grad  # still the leaf parameter
+    assert torch.equal(st.logits.detach(), before)
+    # restored after an exception, which still propagates
+    with pytest.raises(RuntimeError, match="boom"), st.logits_as(torch.zeros(len(st))):
+        assert not st.logits.detach().any()
+        raise RuntimeError("boom")
+    assert torch.equal(st.logits.detach(), before)
+    # the store's own logits as the argument: writes inside the block are undone on exit
+    with st.logits_as(st.logits), torch.no_grad():
+        st.logits.fill_(7.0)
+    assert torch.equal(st.logits.detach(), before)
+
+
 def test_empty_store_has_zero_penalties():
     st = GateStore(GateConfig())
     w = PenaltyWeights(l0=1.0, floor=1.0, bimodal=1.0)

@@ -232,6 +232,23 @@ class GateStore(nn.Module):
         """The segment table buffers, as the store ops take them."""
         return SegmentTable(self.seg_id, self.gate_size, self.seg_start, self.seg_units, self.seg_min_keep)
 
+    @contextlib.contextmanager
+    def logits_as(self, logits: torch.Tensor) -> Iterator[None]:
+        """Inside the block the store's logits hold ``logits`` (``[N]``, copied without autograd);
+        on exit, exception or not, they hold their previous values again.
+
+        ``store.logits_as(store.logits)`` makes the block a scratch area: whatever it writes into
+        the logits is undone on exit.
+        """
+        saved = self.logits.detach().clone()
+        with torch.no_grad():
+            self.logits.copy_(logits)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                self.logits.copy_(saved)
+
     # ------------------------------------------------------------------ distribution
     def probs(self) -> torch.Tensor:
         """``[N]`` probability each gate is non-zero under the training distribution."""
