@@ -30,7 +30,8 @@ from common import interleaved, summarize_samples, write_result
 
 from hawada import _ext
 from hawada.core.export import slice_tensor
-from hawada.core.slicing import batched_slicing, slice_many, slice_many_ref
+from hawada.core.slicing import batched_slicing
+from hawada.ops import slice_many, slice_many_ref
 
 
 def llama_jobs(layers: int, gen: torch.Generator) -> list[tuple]:

@@ -22,6 +22,7 @@ from hawada.core.export import (
     slice_embedding,
     slice_linear,
 )
+from hawada.core.hooks import gates_of
 from hawada.slim_io import load_slim
 from tests.helpers import randomize_bn
 
@@ -56,6 +57,7 @@ def test_keepall_reproduces_the_original(base):
     assert torch.equal(g(X), ref)  # all gates open: the gated forward is the stock forward
     plain = hawada.export_keepall(g)
     assert type(plain) is type(base) and not hasattr(plain, "hawada_gates")
+    assert gates_of(g) is hawada.gates(g) and gates_of(plain) is None and gates_of(base) is None
     assert not any(h for m in plain.modules() for h in m._forward_hooks.values())
     assert torch.equal(plain(X), ref)
     assert set(plain.state_dict()) == set(base.state_dict())

@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Uses what consults the extension: slicing, latency (twice) and, with EXPORT, a ResNet export.
 SCRIPT = r"""
 import json, os, torch, hawada
-from hawada.core.slicing import slice_many
+from hawada.ops import slice_many
 from hawada.core.profiler import measure_latency_ms
 out = slice_many([torch.arange(12.).view(3, 4)], [torch.tensor([2, 0])], [torch.tensor([1])])
 if os.environ.get("EXPORT"):
@@ -80,7 +80,7 @@ def test_switched_off_is_silent(tmp_path, env):
 def test_require_raises_on_use_but_import_works(tmp_path):
     script = (
         "import hawada, torch\n"
-        "from hawada.core.slicing import slice_many\n"
+        "from hawada.ops import slice_many\n"
         "try:\n    slice_many([torch.ones(2)], [None], [None])\n"
         "except ImportError as e:\n    print('raised', type(e).__name__, e)\n"
     )

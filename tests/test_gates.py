@@ -7,13 +7,12 @@ from hawada.core.gates import (
     GateConfig,
     GateStore,
     PenaltyWeights,
-    bimodality_penalty,
     combined_penalty,
     expand_to_units,
-    expected_l0,
-    keep_floor_penalty,
+    penalty_terms,
     project_gates_into_constraints,
 )
+from hawada.ops import GATE_MODES
 
 
 def make_store(mode: str = "hard_concrete", **kw) -> GateStore:
@@ -108,15 +107,19 @@ def test_expected_units_and_penalties_match_plain_formulas():
     sizes = torch.tensor([3, 3, 3, 1, 1, 1, 1, 1, 1, 1.0])
     exp = torch.stack([(p[0:4] * sizes[0:4]).sum(), p[4:9].sum(), p[9:10].sum()])
     assert torch.allclose(st.expected_units(), exp)
+    w = PenaltyWeights(l0=2.0, floor=3.0, floor_frac=0.5, bimodal=0.5)
+    terms = penalty_terms(st, w)
     cost = torch.tensor([2.0] * 4 + [1.0] * 5 + [5.0])
-    assert torch.allclose(expected_l0(st), (p * sizes * cost).sum() / (sizes * cost).sum())
-    assert torch.allclose(expected_l0(st, cost_weighted=False), (p * sizes).sum() / sizes.sum())
+    assert torch.allclose(terms.l0, (p * sizes * cost).sum() / (sizes * cost).sum())
+    uniform = penalty_terms(st, PenaltyWeights(cost_weighted=False)).l0
+    assert torch.allclose(uniform, (p * sizes).sum() / sizes.sum())
     units = torch.tensor([10.0, 5.0, 1.0])
     short = torch.relu(0.5 * units - exp) / units
-    assert torch.allclose(keep_floor_penalty(st, 0.5), (short**2).mean())
-    assert torch.allclose(bimodality_penalty(st), (p * (1 - p)).mean())
-    w = PenaltyWeights(l0=2.0, floor=3.0, floor_frac=0.5, bimodal=0.5)
-    total = 2.0 * expected_l0(st) + 3.0 * keep_floor_penalty(st, 0.5) + 0.5 * bimodality_penalty(st)
+    assert torch.allclose(terms.floor, (short**2).mean())
+    assert torch.allclose(terms.bimodal, (p * (1 - p)).mean())
+    assert torch.allclose(terms.expected_units, exp)
+    total = 2.0 * terms.l0 + 3.0 * terms.floor + 0.5 * terms.bimodal
+    assert torch.allclose(terms.total, total)
     assert torch.allclose(combined_penalty(st, w), total)
     combined_penalty(st, w).backward()
     assert st.logits.grad is not None and st.logits.grad.abs().sum() > 0
@@ -158,6 +161,7 @@ def test_anneal_and_config_validation():
     assert float(st.tau) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="gate mode"):
         GateConfig(mode="bernoulli")
+    assert GATE_MODES == ("hard_concrete", "sigmoid", "ste")
     with pytest.raises(ValueError, match="stretch"):
         GateConfig(stretch=(0.1, 1.1))
     with pytest.raises(ValueError, match="group_size"):
@@ -171,6 +175,36 @@ def test_override_forces_unit_masks():
     with st.override({"a": forced}):
         assert torch.equal(st.unit_mask("a"), forced)
     assert not torch.equal(st.unit_mask("a"), forced)
+
+
+def test_logits_as_sets_and_restores_the_logits():
+    st = make_store()
+    before = torch.linspace(-2, 2, len(st))
+    with torch.no_grad():
+        st.logits.copy_(before)
+    other = torch.arange(len(st), dtype=torch.float32) - 4.5
+    with st.logits_as(other):
+        assert torch.equal(st.logits.detach(), other)
+        assert st.open_units().tolist() == [0.0, 4.0, 1.0]
+        assert st.logits.grad_fn is None and st.logits.requires_grad  # still the leaf parameter
+    assert torch.equal(st.logits.detach(), before)
+    # restored after an exception, which still propagates
+    with pytest.raises(RuntimeError, match="boom"), st.logits_as(torch.zeros(len(st))):
+        assert not st.logits.detach().any()
+        raise RuntimeError("boom")
+    assert torch.equal(st.logits.detach(), before)
+    # the store's own logits as the argument: writes inside the block are undone on exit
+    with st.logits_as(st.logits), torch.no_grad():
+        st.logits.fill_(7.0)
+    assert torch.equal(st.logits.detach(), before)
+
+
+def test_empty_store_has_zero_penalties():
+    st = GateStore(GateConfig())
+    w = PenaltyWeights(l0=1.0, floor=1.0, bimodal=1.0)
+    assert float(combined_penalty(st, w)) == 0.0
+    assert st.expected_units().shape == (0,)
+    project_gates_into_constraints(st)
 
 
 def test_expand_to_units_handles_partial_last_group():

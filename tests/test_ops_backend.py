@@ -73,11 +73,14 @@ def test_works_without_triton_and_explicit_triton_raises():
     assert "RAISED HAWADA_BACKEND=triton: triton cannot be imported" in r.stdout
 
 
-def test_importing_hawada_ops_does_not_import_triton():
-    code = "import sys, hawada.ops, hawada.core.gates; print('triton' in sys.modules)"
+def test_importing_hawada_ops_does_not_import_triton_or_the_extension():
+    code = (
+        "import sys, hawada.ops, hawada.core.gates, hawada.core.slicing; "
+        "print('triton' in sys.modules, 'hawada._C' in sys.modules)"
+    )
     env = {**os.environ, "PYTHONPATH": ROOT}
     r = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.strip() == "False"
+    assert r.stdout.strip() == "False False"

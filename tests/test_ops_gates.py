@@ -1,7 +1,10 @@
 """Store ops (gate_sample, gate_probs, gate_penalties, project_gates): Triton under the interpreter
-and the torch path vs the formulas of hawada.core.gates, on a store with odd segments."""
+and the torch path vs plain torch formulas (autograd through stock ops), on a store with odd
+segments; GateStore's methods go through the ops on either backend."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -10,10 +13,7 @@ from hawada.core.gates import (
     GateConfig,
     GateStore,
     PenaltyWeights,
-    bimodality_penalty,
     combined_penalty,
-    expected_l0,
-    keep_floor_penalty,
     project_gates_into_constraints,
 )
 from hawada.ops import (
@@ -48,6 +48,37 @@ def table(store: GateStore) -> SegmentTable:
     return SegmentTable(store.seg_id, store.gate_size, store.seg_start, store.seg_units, store.seg_min_keep)
 
 
+# ---------------------------------------------------------------------- plain references
+def plain_probs(store: GateStore) -> torch.Tensor:
+    lg, tau, (gamma, zeta) = store.logits, store.tau, store.config.stretch
+    if store.config.mode == "hard_concrete":
+        return torch.sigmoid(lg - tau * math.log(-gamma / zeta))
+    return torch.sigmoid(lg / tau)
+
+
+def plain_sample(store: GateStore, noise: torch.Tensor) -> torch.Tensor:
+    lg, tau, mode = store.logits, store.tau, store.config.mode
+    if mode == "sigmoid":
+        return torch.sigmoid(lg / tau)
+    if mode == "ste":
+        p = torch.sigmoid(lg / tau)
+        return (noise < p).to(lg.dtype) + p - p.detach()
+    gamma, zeta = store.config.stretch
+    u = noise.clamp(1e-6, 1 - 1e-6)
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + lg) / tau)
+    return (s * (zeta - gamma) + gamma).clamp(0.0, 1.0)
+
+
+def plain_penalties(store: GateStore, w: PenaltyWeights) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``([l0, floor, bimodal], expected_units [S])``."""
+    p = plain_probs(store)
+    exp_u = p.new_zeros(store.num_segments).index_add(0, store.seg_id, p * store.gate_size)
+    cw = store.gate_size * (store.seg_cost[store.seg_id] if w.cost_weighted else 1.0)
+    l0 = (p * cw).sum() / cw.sum()
+    short = torch.relu(w.floor_frac * store.seg_units - exp_u) / store.seg_units
+    return [l0, (short * short).mean(), (p * (1 - p)).mean()], exp_u
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
@@ -67,12 +98,10 @@ def test_sample_and_probs_match_core(backend, mode):
     noise = torch.rand(len(store), generator=torch.Generator().manual_seed(2))
     noise[:5] = torch.tensor([0.0, 1.0, 1e-7, 1 - 1e-7, 0.5])  # the clamp's edges
     gz = torch.randn(len(store))
-    # core formulas (the torch path of GateStore, autograd through plain torch ops)
-    with use_backend("torch"):
-        z_ref = store.sample(noise)
-        (g_ref,) = torch.autograd.grad(z_ref, store.logits, gz)
-        p_ref = store.probs()
-        (gp_ref,) = torch.autograd.grad(p_ref, store.logits, gz)
+    z_ref = plain_sample(store, noise)
+    (g_ref,) = torch.autograd.grad(z_ref, store.logits, gz)
+    p_ref = plain_probs(store)
+    (gp_ref,) = torch.autograd.grad(p_ref, store.logits, gz)
     with use_backend(backend):
         z = gate_sample(store.logits, noise, store.tau, mode, store.config.stretch)
         (g,) = torch.autograd.grad(z, store.logits, gz)
@@ -80,6 +109,8 @@ def test_sample_and_probs_match_core(backend, mode):
         (gp,) = torch.autograd.grad(p, store.logits, gz)
     assert rel(z, z_ref) <= 1e-5 and rel(g, g_ref) <= 1e-5
     assert rel(p, p_ref) <= 1e-5 and rel(gp, gp_ref) <= 1e-5
+    with use_backend(backend):  # the store's methods are these ops
+        assert torch.equal(store.sample(noise), z) and torch.equal(store.probs(), p)
     if mode == "ste":
         assert set(z.detach().round().unique().tolist()) <= {0.0, 1.0}
     if mode == "hard_concrete":
@@ -95,17 +126,10 @@ def test_penalties_match_core(backend, mode, cost_weighted):
     with torch.no_grad():
         store.logits[store.seg_start[1] : store.seg_start[2]] = -4.0  # a segment below its floor
     gexp = torch.randn(store.num_segments)
-    with use_backend("torch"):
-        p = store.probs()
-        terms_ref = [
-            expected_l0(store, p, cost_weighted),
-            keep_floor_penalty(store, w.floor_frac, p),
-            bimodality_penalty(store, p),
-        ]
-        total_ref = combined_penalty(store, w)
-        exp_ref = store.expected_units()
-        (g_ref,) = torch.autograd.grad(total_ref + (exp_ref * gexp).sum(), store.logits)
-        (g_l0_ref,) = torch.autograd.grad(terms_ref[0], store.logits, retain_graph=True)
+    terms_ref, exp_ref = plain_penalties(store, w)
+    total_ref = w.l0 * terms_ref[0] + w.floor * terms_ref[1] + w.bimodal * terms_ref[2]
+    (g_ref,) = torch.autograd.grad(total_ref + (exp_ref * gexp).sum(), store.logits, retain_graph=True)
+    (g_l0_ref,) = torch.autograd.grad(terms_ref[0], store.logits)
     assert terms_ref[1] > 0  # the floor term is active
     with use_backend(backend):
         out = gate_penalties(
@@ -120,6 +144,9 @@ def test_penalties_match_core(backend, mode, cost_weighted):
     assert rel(out.total, total_ref) <= 1e-5
     assert rel(out.expected_units, exp_ref) <= 1e-5
     assert rel(g, g_ref) <= 1e-5 and rel(g_l0, g_l0_ref) <= 1e-5
+    with use_backend(backend):  # the store's methods are this op
+        assert torch.equal(combined_penalty(store, w), out.total)
+        assert torch.equal(store.expected_units(), out.expected_units)
 
 
 def _project_case(store: GateStore) -> torch.Tensor:
@@ -131,15 +158,27 @@ def _project_case(store: GateStore) -> torch.Tensor:
     return lg
 
 
+def plain_project(store: GateStore, lg: torch.Tensor, margin: float) -> torch.Tensor:
+    """Per segment: clamp, then raise the ``min_keep`` largest (lower index first on ties)."""
+    out = lg.clone().clamp(-store.config.logit_clip, store.config.logit_clip)
+    for s in store.segments:
+        seg = out[s.start : s.stop]
+        order = sorted(range(s.count), key=lambda i: (-float(seg[i]), i))
+        for i in order[: s.min_keep]:
+            seg[i] = max(float(seg[i]), margin)
+    return out
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_project_matches_core(backend):
+def test_project_matches_plain(backend):
     store = make_store()
     start = _project_case(store)
+    expected = plain_project(store, start, 0.05)
     with torch.no_grad():
         store.logits.copy_(start)
-    with use_backend("torch"):
+    with use_backend(backend):
         project_gates_into_constraints(store, margin=0.05)
-    expected = store.logits.detach().clone()
+    assert torch.equal(store.logits.detach(), expected)
     lg = start.clone()
     mk = store.seg_min_keep
     with use_backend(backend):

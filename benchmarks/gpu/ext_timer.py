@@ -28,7 +28,7 @@ from torch import nn  # noqa: E402
 
 from hawada import _ext  # noqa: E402
 from hawada.core.profiler import measure_latency_ms  # noqa: E402
-from hawada.core.slicing import slice_many, slice_many_ref  # noqa: E402
+from hawada.ops import slice_many, slice_many_ref  # noqa: E402
 
 
 def bitwise(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -40,9 +40,9 @@ import torch
 from torch import nn
 
 from hawada.adapters.base import Adapter, register_adapter
-from hawada.core.export import ExportPolicy, clone_without_gates, keep_counts, slice_linear
+from hawada.core.export import ExportPolicy, clone_without_gates, keep_counts, slice_linear, store_of
 from hawada.core.gates import GateConfig, GateStore
-from hawada.core.hooks import add_hook, gate_linear, install_store
+from hawada.core.hooks import add_hook, gate_linear, gates_of, install_store
 from hawada.core.proxy_cost import CostTerm
 
 KNOWN_CLASSES = (
@@ -256,7 +256,7 @@ class HFDecoderAdapter(Adapter):
 
     # ------------------------------------------------------------------ attach
     def attach(self, model: nn.Module, config: GateConfig) -> nn.Module:
-        if hasattr(model, "hawada_gates"):
+        if gates_of(model) is not None:
             raise ValueError("model already has gates attached")
         if not _has_layout(model):
             raise ValueError(f"{type(model).__name__} does not have the LLaMA layer layout")
@@ -350,7 +350,7 @@ class HFDecoderAdapter(Adapter):
             raise ValueError(f"phase must be prefill, decode or mix, got {phase!r}")
         ids = example_inputs["input_ids"] if isinstance(example_inputs, dict) else example_inputs[0]
         b, seq = int(ids.shape[0]), int(ids.shape[1])
-        store: GateStore | None = getattr(model, "hawada_gates", None)
+        store: GateStore | None = gates_of(model)
         names = {s.name for s in store.segments} if store is not None else set()
         cfg, hd = model.config, head_dim_of(model)
         hidden, vocab = int(cfg.hidden_size), _vocab_size(model)
@@ -489,7 +489,7 @@ class HFDecoderAdapter(Adapter):
         At least one query slot and one KV group stay: a stock config cannot say "no heads"."""
         from dataclasses import replace
 
-        store: GateStore = gated.hawada_gates
+        store: GateStore = store_of(gated)
         policy = policy or ExportPolicy()
         counts = keep_counts(store, policy)
         by_kind: dict[str, list] = {}

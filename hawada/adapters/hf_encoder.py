@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hawada.adapters.base import Adapter, UnknownModelError, register_adapter
-from hawada.core.export import ExportPolicy, clone_without_gates, slice_linear
+from hawada.core.export import ExportPolicy, clone_without_gates, slice_linear, store_of
 from hawada.core.gates import GateConfig, GateStore
-from hawada.core.hooks import gate_linear, install_store
+from hawada.core.hooks import gate_linear, gates_of, install_store
 from hawada.core.proxy_cost import CostTerm
 from hawada.hf_remote import modeling_hawada as remote
 from hawada.hf_remote.modeling_hawada import (
@@ -224,7 +224,7 @@ class HFEncoderAdapter(Adapter):
         style, _, layers = _style_and_layers(model)
         hd = _head_dim(model, style, layers)
         p = STYLES[style]
-        store: GateStore | None = getattr(model, "hawada_gates", None)
+        store: GateStore | None = gates_of(model)
         names = {s.name for s in store.segments} if store is not None else set()
         inputs = self.model_inputs(example_inputs)
         cfg = model.config
@@ -327,7 +327,7 @@ class HFEncoderAdapter(Adapter):
         units, rounded by ``policy``'s rounding for that kind. BERT-style configs cannot express a
         head size other than hidden / heads, so BERT-style layers keep all their heads (a stock
         config must be able to describe the result)."""
-        store: GateStore = gated.hawada_gates
+        store: GateStore = store_of(gated)
         style, _, _ = _style_and_layers(gated)
         open_u = [float(v) for v in store.open_units().tolist()]
         counts: dict[str, int] = {}

@@ -23,9 +23,9 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from hawada.adapters.base import Adapter, register_adapter
-from hawada.core.export import clone_without_gates, slice_batchnorm, slice_conv2d, slice_linear
+from hawada.core.export import clone_without_gates, slice_batchnorm, slice_conv2d, slice_linear, store_of
 from hawada.core.gates import GateConfig, GateStore
-from hawada.core.hooks import MaskOutput, add_hook, install_store
+from hawada.core.hooks import MaskOutput, add_hook, gates_of, install_store
 from hawada.core.proxy_cost import CostTerm
 
 
@@ -145,7 +145,7 @@ class ResNetAdapter(Adapter):
 
     # ------------------------------------------------------------------ proxy
     def cost_terms(self, model: nn.Module, example_inputs: Any) -> list[CostTerm]:
-        store: GateStore | None = getattr(model, "hawada_gates", None)
+        store: GateStore | None = gates_of(model)
         names = {s.name for s in store.segments} if store is not None else set()
         shapes: dict[nn.Module, tuple] = {}
         handles = [
@@ -245,7 +245,7 @@ class ResNetAdapter(Adapter):
 
     @torch.no_grad()
     def export_pruned(self, gated: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
-        store: GateStore = gated.hawada_gates
+        store: GateStore = store_of(gated)
         constants: dict[str, torch.Tensor] = {}
         for i, j, blk in _blocks(gated):
             names = _inner_names(i, j, blk)

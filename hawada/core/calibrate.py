@@ -15,46 +15,36 @@ def measure_subarchs(
 ) -> list[tuple[torch.Tensor, float]]:
     """For each logits vector: (open units ``[S]``, measured median ms of its export)."""
     store = store_of(gated)
-    saved = store.logits.detach().clone()
     out = []
-    try:
-        for lg in logits:
-            with torch.no_grad():
-                store.logits.copy_(lg)
+    for lg in logits:
+        with store.logits_as(lg):
             slim = export(gated, ExportPolicy(check=False))
             out.append((store.open_units().detach().cpu(), meter(slim).median_ms))
-    finally:
-        with torch.no_grad():
-            store.logits.copy_(saved)
     return out
 
 
 def calibration_logits(gated: nn.Module, n: int, seed: int) -> list[torch.Tensor]:
     """``n`` logits vectors: uniform keep fractions first, then random sub-architectures."""
     store = store_of(gated)
-    saved = store.logits.detach().clone()
     gen = torch.Generator().manual_seed(seed)
     fracs = [1.0, 0.7, 0.45, 0.25]
     out = []
-    for i in range(n):
-        if i < len(fracs):
-            set_uniform_keep(store, fracs[i])
-        else:
-            set_random_keep(store, gen)
-        out.append(store.logits.detach().clone())
-    with torch.no_grad():
-        store.logits.copy_(saved)
+    with store.logits_as(store.logits):
+        for i in range(n):
+            if i < len(fracs):
+                set_uniform_keep(store, fracs[i])
+            else:
+                set_random_keep(store, gen)
+            out.append(store.logits.detach().clone())
     return out
 
 
 def random_logits(gated: nn.Module, n: int, seed: int) -> list[torch.Tensor]:
     store = store_of(gated)
-    saved = store.logits.detach().clone()
     gen = torch.Generator().manual_seed(seed)
     out = []
-    for _ in range(n):
-        set_random_keep(store, gen)
-        out.append(store.logits.detach().clone())
-    with torch.no_grad():
-        store.logits.copy_(saved)
+    with store.logits_as(store.logits):
+        for _ in range(n):
+            set_random_keep(store, gen)
+            out.append(store.logits.detach().clone())
     return out

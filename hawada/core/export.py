@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from hawada.core.gates import GateStore
+from hawada.core.hooks import ADAPTER_ATTR, gates_of, strip_gate_hooks
 from hawada.core.slicing import batched_slicing, current_batch
 
 ROUND_MODES = ("nearest", "floor", "ceil")
@@ -307,15 +308,16 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def adapter_of(model: nn.Module):
     """The adapter object ``attach`` stored on a gated model."""
-    ad = getattr(model, "_hawada_adapter", None)
+    ad = getattr(model, ADAPTER_ATTR, None)
     if ad is None:
         raise ExportError("model has no gates: call hawada.attach(model) first")
     return ad
 
 
 def store_of(model: nn.Module) -> GateStore:
-    store = getattr(model, "hawada_gates", None)
-    if not isinstance(store, GateStore):
+    """The GateStore ``attach`` put on a gated model; raises :class:`ExportError` without one."""
+    store = gates_of(model)
+    if store is None:
         raise ExportError("model has no gates: call hawada.attach(model) first")
     return store
 
@@ -393,10 +395,8 @@ def param_count(model: nn.Module) -> int:
 
 def clone_without_gates(model: nn.Module) -> nn.Module:
     """Deep copy of ``model`` (gated or not) with store, hooks and adapter reference removed."""
-    from hawada.core.hooks import strip_gate_hooks
-
-    store = getattr(model, "hawada_gates", None)
-    if isinstance(store, GateStore):
+    store = gates_of(model)
+    if store is not None:
         store.refresh()  # cached masks of a training forward are not graph leaves
     new = copy.deepcopy(model)
     strip_gate_hooks(new)

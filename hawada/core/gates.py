@@ -7,8 +7,9 @@ covers ``group_size`` consecutive units (channels, heads, neurons); the last gat
 may cover fewer when the unit count is not a multiple of the group size.
 
 Because the whole model's gates are one vector, penalties, the latency proxy's expected widths
-and the constraint projection are whole-vector operations (segment sums via ``index_add``),
-never Python loops over modules.
+and the constraint projection are whole-vector operations, never Python loops over modules. Their
+formulas live in the ops of :mod:`hawada.ops.gates` (one dispatch point between the torch
+reference and the Triton kernels); this module calls them.
 
 Probability (DESIGN invariant 3): ``GateStore.probs()`` is the probability that a gate is
 non-zero under the very distribution the training forward samples from:
@@ -31,7 +32,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-GATE_MODES = ("hard_concrete", "sigmoid", "ste")
+from hawada.ops.gates import (
+    GATE_MODES,
+    GateMode,
+    PenaltyTerms,
+    SegmentTable,
+    gate_penalties,
+    gate_probs,
+    gate_sample,
+    project_gates,
+)
+
 KINDS = ("block", "stage", "head", "ffn", "kv_group")
 
 
@@ -53,7 +64,7 @@ class GateConfig:
         logit_clip: projection clamps logits into [-logit_clip, logit_clip].
     """
 
-    mode: str = "hard_concrete"
+    mode: GateMode = "hard_concrete"
     init_logit: float = 3.0
     tau: float = 2.0 / 3.0
     tau_final: float | None = None
@@ -216,20 +227,32 @@ class GateStore(nn.Module):
             )
         self.seg_cost = costs.detach().to(self.logits.device, torch.float32)
 
-    # ------------------------------------------------------------------ distribution
-    def _log_ratio(self) -> float:
-        gamma, zeta = self.config.stretch
-        return math.log(-gamma / zeta)
+    @property
+    def table(self) -> SegmentTable:
+        """The segment table buffers, as the store ops take them."""
+        return SegmentTable(self.seg_id, self.gate_size, self.seg_start, self.seg_units, self.seg_min_keep)
 
+    @contextlib.contextmanager
+    def logits_as(self, logits: torch.Tensor) -> Iterator[None]:
+        """Inside the block the store's logits hold ``logits`` (``[N]``, copied without autograd);
+        on exit, exception or not, they hold their previous values again.
+
+        ``store.logits_as(store.logits)`` makes the block a scratch area: whatever it writes into
+        the logits is undone on exit.
+        """
+        saved = self.logits.detach().clone()
+        with torch.no_grad():
+            self.logits.copy_(logits)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                self.logits.copy_(saved)
+
+    # ------------------------------------------------------------------ distribution
     def probs(self) -> torch.Tensor:
         """``[N]`` probability each gate is non-zero under the training distribution."""
-        if _fused(self.logits, self.tau):
-            from hawada.ops import gate_probs
-
-            return gate_probs(self.logits, self.tau, self.config.mode, self.config.stretch)
-        if self.config.mode == "hard_concrete":
-            return torch.sigmoid(self.logits - self.tau * self._log_ratio())
-        return torch.sigmoid(self.logits / self.tau)
+        return gate_probs(self.logits, self.tau, self.config.mode, self.config.stretch)
 
     def hard_mask(self) -> torch.Tensor:
         """``[N]`` eval-mode gates: 1.0 iff logit > 0."""
@@ -238,25 +261,10 @@ class GateStore(nn.Module):
     def sample(self, noise: torch.Tensor | None = None) -> torch.Tensor:
         """``[N]`` gate values for one training forward (differentiable w.r.t. logits).
 
-        ``noise``: optional ``[N]`` uniform(0, 1) draws, for reproducible tests.
+        ``noise``: optional ``[N]`` uniform(0, 1) draws, for reproducible tests; without it the
+        op draws ``torch.rand_like(logits)`` (not for ``sigmoid``, which draws nothing).
         """
-        lg, tau, mode = self.logits, self.tau, self.config.mode
-        if _fused(lg, tau):
-            from hawada.ops import gate_sample
-
-            return gate_sample(lg, noise, tau, mode, self.config.stretch)
-        if mode == "sigmoid":
-            return torch.sigmoid(lg / tau)
-        if noise is None:
-            noise = torch.rand_like(lg)
-        if mode == "ste":
-            p = torch.sigmoid(lg / tau)
-            hard = (noise < p).to(lg.dtype)
-            return hard + p - p.detach()
-        gamma, zeta = self.config.stretch
-        u = noise.clamp(1e-6, 1 - 1e-6)
-        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + lg) / tau)
-        return (s * (zeta - gamma) + gamma).clamp(0.0, 1.0)
+        return gate_sample(self.logits, noise, self.tau, self.config.mode, self.config.stretch)
 
     def refresh(self) -> None:
         """Forget this forward's masks: the next :meth:`unit_mask` samples anew."""
@@ -299,17 +307,9 @@ class GateStore(nn.Module):
         out = per_gate.new_zeros(self.num_segments)
         return out.index_add(0, self.seg_id, per_gate)
 
-    def expected_units(self, probs: torch.Tensor | None = None) -> torch.Tensor:
+    def expected_units(self) -> torch.Tensor:
         """``[S]`` expected kept units per segment (differentiable)."""
-        if probs is None and self.num_segments and _fused(self.logits, self.tau):
-            from hawada.ops import gate_penalties
-
-            return gate_penalties(
-                self.logits, _table(self), self.seg_cost, self.tau, PenaltyWeights(), self.config.mode,
-                self.config.stretch,
-            ).expected_units  # fmt: skip
-        p = self.probs() if probs is None else probs
-        return self.segment_sum(p * self.gate_size)
+        return penalty_terms(self, PenaltyWeights()).expected_units
 
     def open_units(self) -> torch.Tensor:
         """``[S]`` units kept in eval mode (gates with logit > 0)."""
@@ -341,19 +341,6 @@ class GateStore(nn.Module):
         ]
 
 
-def _fused(*tensors: torch.Tensor) -> bool:
-    """True when the selected ops backend (``HAWADA_BACKEND``) runs the fused kernels here."""
-    from hawada.ops import resolve_backend
-
-    return resolve_backend(*tensors) == "triton"
-
-
-def _table(store: GateStore):
-    from hawada.ops import SegmentTable
-
-    return SegmentTable(store.seg_id, store.gate_size, store.seg_start, store.seg_units, store.seg_min_keep)
-
-
 def expand_to_units(gate_values: torch.Tensor, seg: Segment) -> torch.Tensor:
     """``[count] -> [units]``: repeat each gate over the units it covers."""
     g = seg.group_size
@@ -379,69 +366,29 @@ class PenaltyWeights:
     cost_weighted: bool = True
 
 
-def expected_l0(
-    store: GateStore, probs: torch.Tensor | None = None, cost_weighted: bool = True
-) -> torch.Tensor:
-    """Scalar: expected fraction of (cost-weighted) units kept, in [0, 1]."""
-    p = store.probs() if probs is None else probs
-    w = store.gate_size * (store.seg_cost[store.seg_id] if cost_weighted else 1.0)
-    return (p * w).sum() / w.sum().clamp_min(1e-12)
+def penalty_terms(store: GateStore, weights: PenaltyWeights) -> PenaltyTerms:
+    """The weighted penalty total, its terms (scalars) and ``expected_units [S]``, from one op call.
 
-
-def keep_floor_penalty(store: GateStore, frac: float, probs: torch.Tensor | None = None) -> torch.Tensor:
-    """Scalar: mean over segments of relu(frac * units - E[kept]) ** 2 / units ** 2."""
-    exp_u = store.expected_units(probs)
-    short = torch.relu(frac * store.seg_units - exp_u) / store.seg_units
-    return (short * short).mean()
-
-
-def bimodality_penalty(store: GateStore, probs: torch.Tensor | None = None) -> torch.Tensor:
-    """Scalar: mean p (1 - p); zero when every gate is decided."""
-    p = store.probs() if probs is None else probs
-    return (p * (1 - p)).mean()
+    Terms: ``l0`` expected fraction of (cost-weighted) units kept, in [0, 1]; ``floor`` mean over
+    segments of relu(floor_frac * units - E[kept]) ** 2 / units ** 2; ``bimodal`` mean p (1 - p).
+    A store without gates has no terms: every output is zero (``expected_units`` is ``[0]``).
+    """
+    if not store.num_segments:
+        zero = store.logits.new_zeros(())
+        return PenaltyTerms(zero, zero, zero, zero, store.logits.new_zeros(0))
+    cfg = store.config
+    return gate_penalties(
+        store.logits, store.table, store.seg_cost, store.tau, weights, cfg.mode, cfg.stretch
+    )
 
 
 def combined_penalty(store: GateStore, weights: PenaltyWeights) -> torch.Tensor:
-    """Scalar: weighted sum of the penalties, all from one ``probs()`` evaluation."""
-    if store.num_segments and _fused(store.logits, store.tau):
-        from hawada.ops import gate_penalties
-
-        cfg = store.config
-        return gate_penalties(
-            store.logits, _table(store), store.seg_cost, store.tau, weights, cfg.mode, cfg.stretch
-        ).total
-    p = store.probs()
-    total = p.new_zeros(())
-    if weights.l0:
-        total = total + weights.l0 * expected_l0(store, p, weights.cost_weighted)
-    if weights.floor:
-        total = total + weights.floor * keep_floor_penalty(store, weights.floor_frac, p)
-    if weights.bimodal:
-        total = total + weights.bimodal * bimodality_penalty(store, p)
-    return total
+    """Scalar: weighted sum of the penalties, all from one evaluation of the probabilities."""
+    return penalty_terms(store, weights).total
 
 
 @torch.no_grad()
 def project_gates_into_constraints(store: GateStore, margin: float = 0.05) -> None:
-    """In place: clamp logits and keep the ``min_keep`` largest gates of each segment open.
-
-    Vectorised over the whole store (two stable sorts give each gate's rank within its
-    segment); no host synchronisation.
-    """
-    lg = store.logits
-    if lg.numel() == 0:
-        return
-    clip = store.config.logit_clip
-    if _fused(lg, store.seg_start):
-        from hawada.ops import project_gates
-
-        project_gates(lg, _table(store), store.seg_min_keep, clip, margin)
-        return
-    lg.clamp_(-clip, clip)
-    order = torch.sort(lg, descending=True, stable=True).indices
-    order = order[torch.sort(store.seg_id[order], stable=True).indices]
-    seg_of = store.seg_id[order]
-    rank = torch.arange(lg.numel(), device=lg.device) - store.seg_start[seg_of]
-    need = rank < store.seg_min_keep[seg_of]
-    vals = lg[order]
-    lg[order] = torch.where(need, vals.clamp_min(margin), vals)
+    """In place: clamp logits into ``[-logit_clip, logit_clip]`` and raise the ``min_keep``
+    largest gates of each segment to ``>= margin`` (open). Whole store at once, no host sync."""
+    project_gates(store.logits, store.table, store.seg_min_keep, store.config.logit_clip, margin)

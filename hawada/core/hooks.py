@@ -17,6 +17,12 @@ STORE_ATTR = "hawada_gates"
 ADAPTER_ATTR = "_hawada_adapter"
 
 
+def gates_of(model: nn.Module) -> GateStore | None:
+    """The GateStore attached to ``model`` (the submodule named :data:`STORE_ATTR`), or None."""
+    store = getattr(model, STORE_ATTR, None)
+    return store if isinstance(store, GateStore) else None
+
+
 class MaskOutput:
     """Forward hook: multiply a module's output by a segment's unit mask along ``dim``."""
 

@@ -1,8 +1,9 @@
 """Whole-store gate ops: sample/probabilities, penalties + expected widths, constraint projection.
 
 Each op works on the flat logits vector of a GateStore and its segment table, in one launch on
-the Triton backend, with the torch reference (same formulas as :mod:`hawada.core.gates`) as the
-always-available path. ``tau`` is a 0-d tensor (the store's buffer), so nothing syncs with the host.
+the Triton backend, with the torch reference as the always-available path. These are the only
+copies of the gate formulas: :class:`hawada.core.gates.GateStore` calls the ops and never picks a
+backend itself. ``tau`` is a 0-d tensor (the store's buffer), so nothing syncs with the host.
 
 Modes: ``hard_concrete`` — z = clamp(sigmoid((log u - log(1-u) + l) / tau) (zeta - gamma) + gamma,
 0, 1), P(z > 0) = sigmoid(l - tau log(-gamma / zeta)); ``sigmoid`` — z = sigmoid(l / tau);
@@ -12,13 +13,15 @@ Modes: ``hard_concrete`` — z = clamp(sigmoid((log u - log(1-u) + l) / tau) (ze
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Protocol
+import typing
+from typing import Literal, NamedTuple, Protocol
 
 import torch
 
 from hawada.ops.backend import resolve_backend
 
-GATE_MODES = ("hard_concrete", "sigmoid", "ste")
+GateMode = Literal["hard_concrete", "sigmoid", "ste"]
+GATE_MODES: tuple[str, ...] = typing.get_args(GateMode)
 _MODE_ID = {m: i for i, m in enumerate(GATE_MODES)}
 
 
@@ -193,7 +196,7 @@ def gate_sample(
     logits: torch.Tensor,
     noise: torch.Tensor | None,
     tau: torch.Tensor,
-    mode: str,
+    mode: GateMode,
     stretch: tuple[float, float] = (-0.1, 1.1),
 ) -> torch.Tensor:
     """``[N]`` gate values for one training forward of the whole store (one launch).
@@ -213,7 +216,7 @@ def gate_sample(
 
 
 def gate_probs(
-    logits: torch.Tensor, tau: torch.Tensor, mode: str, stretch: tuple[float, float] = (-0.1, 1.1)
+    logits: torch.Tensor, tau: torch.Tensor, mode: GateMode, stretch: tuple[float, float] = (-0.1, 1.1)
 ) -> torch.Tensor:
     """``[N]`` probability each gate is non-zero under ``mode``'s training distribution (one launch)."""
     _check_mode(mode)
@@ -370,14 +373,16 @@ def gate_penalties(
     costs: torch.Tensor,
     tau: torch.Tensor,
     weights: Weights,
-    mode: str = "hard_concrete",
+    mode: GateMode = "hard_concrete",
     stretch: tuple[float, float] = (-0.1, 1.1),
 ) -> PenaltyTerms:
     """Expected-L0 (cost-weighted), keep-floor, bimodality and per-segment expected widths, one launch.
 
-    ``logits [N]`` fp32, ``costs [S]`` per-unit cost of each segment, ``tau`` 0-d. The terms are
-    exactly those of :mod:`hawada.core.gates` (``expected_l0``, ``keep_floor_penalty``,
-    ``bimodality_penalty``, ``GateStore.expected_units``); every output is differentiable.
+    ``logits [N]`` fp32, ``costs [S]`` per-unit cost of each segment, ``tau`` 0-d. Terms (p = gate
+    probabilities, w = gate size x segment cost, or gate size alone without ``cost_weighted``):
+    ``l0`` = sum(p w) / sum(w); ``expected_units [S]`` = per-segment sum of p x gate size;
+    ``floor`` = mean over segments of relu(floor_frac units - expected_units) ** 2 / units ** 2;
+    ``bimodal`` = mean p (1 - p). Every output is differentiable.
     """
     _check_mode(mode)
     _check_flat(logits, tau)
@@ -413,7 +418,7 @@ def project_gates_ref(
     margin: float,
 ) -> None:
     """In place: clamp to ``[-clip, clip]``; the ``min_keep`` largest gates of each segment (stable
-    order on ties) are raised to ``>= margin``. The formula of ``core.gates.project_gates_into_constraints``."""
+    order on ties) are raised to ``>= margin``. Two stable sorts give each gate's rank in its segment."""
     lg = logits
     lg.clamp_(-clip, clip)
     order = torch.sort(lg, descending=True, stable=True).indices
