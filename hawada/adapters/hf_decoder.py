@@ -11,7 +11,7 @@ and attention masks untouched); masks are applied only at two places per layer:
   the ``j``-th query slot of EVERY KV group. Query head ``h`` belongs to KV group
   ``h // n_rep`` and slot ``h % n_rep``. Every group therefore keeps the same slots: after
   export each kept query head still reads the KV head it read before and
-  ``num_key_value_groups`` stays one integer (DESIGN invariant 4).
+  ``num_key_value_groups`` stays one integer (docs/DESIGN.md, invariant 4).
 * ``layer{i}.kv`` (kind ``kv_group``): one gate per KV group; a closed group removes its K/V
   rows, its query heads and their ``o_proj`` columns together.
 
@@ -30,9 +30,6 @@ Non-uniform layouts are recorded per layer in ``config.hawada_layout`` and resto
 
 from __future__ import annotations
 
-import inspect
-import json
-import os
 import warnings
 from typing import Any
 
@@ -40,150 +37,32 @@ import torch
 from torch import nn
 
 from hawada.adapters.base import Adapter, register_adapter
+from hawada.adapters.hf_decoder_files import (  # noqa: F401 - re-exported: the family's public names
+    KNOWN_CLASSES,
+    LAYOUT_FILE,
+    CheckpointError,
+    EmptyAttention,
+    apply_layout,
+    decoder_base,
+    decoder_layout,
+    has_layer_layout,
+    head_dim_of,
+    is_decoder,
+    layer_widths,
+    load_causal_lm,
+    load_decoder,
+    record_layout,
+    save_decoder,
+    vocab_size_of,
+)
 from hawada.core.export import ExportPolicy, clone_without_gates, keep_counts, slice_linear, store_of
 from hawada.core.gates import GateConfig, GateStore
 from hawada.core.hooks import add_hook, gate_linear, gates_of, install_store
 from hawada.core.proxy_cost import CostTerm
 
-KNOWN_CLASSES = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "LlamaModel",
-    "MistralModel",
-    "Qwen2Model",
-)
-LAYOUT_FILE = "layout.json"
-
-
-class CheckpointError(FileNotFoundError):
-    """A model folder that is not a loadable Hugging Face checkpoint."""
-
 
 class VocabMismatchError(ValueError):
     """Teacher and student (or model and data) disagree on the vocabulary."""
-
-
-# ---------------------------------------------------------------------- self-contained pieces
-# EmptyAttention and apply_layout are also copied verbatim into the saved folder's
-# modeling file (for ``trust_remote_code``), so they import nothing from hawada.
-class EmptyAttention(nn.Module):
-    """Attention with every head removed: returns ``o_proj``'s bias (or zeros).
-
-    ``hidden_states`` ``[B, L, D]`` -> ``([B, L, D], None)``. It still appends a one-element
-    ``[B, 1, L, 1]`` placeholder to the KV cache, because the cache reports its length from
-    the stored keys and an empty layer would otherwise reset positions during generation.
-    """
-
-    is_empty_attention = True
-
-    def __init__(self, hidden_size: int, layer_idx: int, bias: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.hidden_size = hidden_size
-        self.num_key_value_groups = 1
-        if bias is not None:
-            self.o_bias = nn.Parameter(bias.detach().clone())
-        else:
-            self.register_parameter("o_bias", None)
-
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
-        b, n = hidden_states.shape[:2]
-        past = cache if cache is not None else kwargs.get("past_key_values")
-        if past is not None:
-            ph = hidden_states.new_zeros(b, 1, n, 1)
-            past.update(ph, ph, self.layer_idx)
-        out = hidden_states.new_zeros(b, n, self.hidden_size)
-        if self.o_bias is not None:
-            out = out + self.o_bias
-        return out, None
-
-
-def apply_layout(model, layout):
-    """In place: give each decoder layer of a freshly built model the widths of ``layout``.
-
-    ``layout``: list (one per layer) of ``{"heads", "kv_heads", "intermediate"}``. The new
-    modules are uninitialised shells; the caller loads the weights.
-    """
-    base = model.model if hasattr(model, "model") and hasattr(model.model, "layers") else model
-    cfg = base.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    hidden = cfg.hidden_size
-    dev = next(model.parameters()).device
-    for i, (layer, lay) in enumerate(zip(base.layers, layout)):
-        attn, mlp = layer.self_attn, layer.mlp
-        qh, kvh, inter = int(lay["heads"]), int(lay["kv_heads"]), int(lay["intermediate"])
-        if qh == 0 or kvh == 0:
-            o = getattr(attn, "o_proj", None)
-            has_bias = o is not None and o.bias is not None
-            bias = torch.zeros(hidden, device=dev) if has_bias else None
-            layer.self_attn = EmptyAttention(hidden, i, bias).to(dev)
-        elif not getattr(attn, "is_empty_attention", False):
-
-            def lin(old, fin, fout):
-                return nn.Linear(fin, fout, bias=old.bias is not None, device=dev, dtype=old.weight.dtype)
-
-            attn.q_proj = lin(attn.q_proj, hidden, qh * head_dim)
-            attn.k_proj = lin(attn.k_proj, hidden, kvh * head_dim)
-            attn.v_proj = lin(attn.v_proj, hidden, kvh * head_dim)
-            attn.o_proj = lin(attn.o_proj, qh * head_dim, hidden)
-            attn.num_key_value_groups = qh // kvh
-        g, u, d = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-        mlp.gate_proj = nn.Linear(hidden, inter, bias=g.bias is not None, device=dev, dtype=g.weight.dtype)
-        mlp.up_proj = nn.Linear(hidden, inter, bias=u.bias is not None, device=dev, dtype=u.weight.dtype)
-        mlp.down_proj = nn.Linear(inter, hidden, bias=d.bias is not None, device=dev, dtype=d.weight.dtype)
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = inter
-    return model
-
-
-# ---------------------------------------------------------------------- structure helpers
-def decoder_base(model: nn.Module) -> nn.Module:
-    """The module holding ``layers`` (``model.model`` of a ``*ForCausalLM``, else the model)."""
-    inner = getattr(model, "model", None)
-    if inner is not None and hasattr(inner, "layers"):
-        return inner
-    return model
-
-
-def _has_layout(model: nn.Module) -> bool:
-    base = decoder_base(model)
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        return False
-    cfg = getattr(model, "config", None)
-    if cfg is None or not hasattr(cfg, "num_key_value_heads") or not hasattr(cfg, "num_attention_heads"):
-        return False
-    for layer in layers:
-        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if attn is None or mlp is None:
-            return False
-        if not getattr(attn, "is_empty_attention", False) and not all(
-            hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")
-        ):
-            return False
-        if not all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj")):
-            return False
-    return True
-
-
-def head_dim_of(model: nn.Module) -> int:
-    cfg = model.config
-    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-
-
-def layer_widths(model: nn.Module) -> list[dict[str, int]]:
-    """Per layer: query heads, KV heads and FFN width of a plain (or gated) model."""
-    hd = head_dim_of(model)
-    out = []
-    for layer in decoder_base(model).layers:
-        attn = layer.self_attn
-        if getattr(attn, "is_empty_attention", False):
-            q = kv = 0
-        else:
-            q, kv = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
-        out.append({"heads": q, "kv_heads": kv, "intermediate": layer.mlp.up_proj.out_features})
-    return out
 
 
 class HeadMask:
@@ -221,14 +100,9 @@ def _check_min_keep(config: GateConfig, kind: str, available: int, what: str, la
         )
 
 
-def _vocab_size(model: nn.Module) -> int:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return int(emb.num_embeddings) if emb is not None else int(model.config.vocab_size)
-
-
 def check_same_vocab(teacher: nn.Module, student: nn.Module) -> None:
     """Raise :class:`VocabMismatchError` when the two models' vocabularies differ."""
-    vt, vs = _vocab_size(teacher), _vocab_size(student)
+    vt, vs = vocab_size_of(teacher), vocab_size_of(student)
     if vt != vs:
         raise VocabMismatchError(f"teacher vocabulary has {vt} tokens but the student's has {vs}")
 
@@ -246,19 +120,13 @@ class HFDecoderAdapter(Adapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        if type(model).__name__ in KNOWN_CLASSES:
-            return _has_layout(model)
-        try:
-            from transformers import PreTrainedModel
-        except ImportError:  # pragma: no cover - transformers is a dependency of this family
-            return False
-        return isinstance(model, PreTrainedModel) and _has_layout(model)
+        return is_decoder(model)
 
     # ------------------------------------------------------------------ attach
     def attach(self, model: nn.Module, config: GateConfig) -> nn.Module:
         if gates_of(model) is not None:
             raise ValueError("model already has gates attached")
-        if not _has_layout(model):
+        if not has_layer_layout(model):
             raise ValueError(f"{type(model).__name__} does not have the LLaMA layer layout")
         base = decoder_base(model)
         hd = head_dim_of(model)
@@ -315,7 +183,7 @@ class HFDecoderAdapter(Adapter):
         """``{"input_ids" [B, L], "attention_mask" [B, L]}``; the last row is right-padded."""
         g = torch.Generator().manual_seed(0)
         dev = next(model.parameters()).device
-        vocab = _vocab_size(model)
+        vocab = vocab_size_of(model)
         ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
         mask = torch.ones(batch_size, seq_len, dtype=torch.long)
         if batch_size > 1:
@@ -353,7 +221,7 @@ class HFDecoderAdapter(Adapter):
         store: GateStore | None = gates_of(model)
         names = {s.name for s in store.segments} if store is not None else set()
         cfg, hd = model.config, head_dim_of(model)
-        hidden, vocab = int(cfg.hidden_size), _vocab_size(model)
+        hidden, vocab = int(cfg.hidden_size), vocab_size_of(model)
         terms: list[CostTerm] = []
         phases = []
         if phase in ("prefill", "mix"):
@@ -478,7 +346,7 @@ class HFDecoderAdapter(Adapter):
                 if hasattr(mlp, "intermediate_size"):
                     mlp.intermediate_size = int(f_keep.numel())
             layout.append({"heads": q_heads, "kv_heads": kv_heads, "intermediate": mlp.up_proj.out_features})
-        _record_layout(slim, layout)
+        record_layout(slim, layout)
         slim.train(gated.training)
         return slim
 
@@ -519,152 +387,4 @@ class HFDecoderAdapter(Adapter):
         return load_decoder(path)
 
     def layout(self, model: nn.Module) -> dict:
-        cfg = model.config
-        return {
-            "family": self.family,
-            "arch": type(model).__name__,
-            "model_type": cfg.model_type,
-            "head_dim": head_dim_of(model),
-            "hidden_size": int(cfg.hidden_size),
-            "vocab_size": _vocab_size(model),
-            "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
-            "layers": layer_widths(model),
-        }
-
-
-# ---------------------------------------------------------------------- config + files
-def _is_uniform(layout: list[dict]) -> bool:
-    first = layout[0]
-    return all(lay == first for lay in layout) and first["heads"] > 0 and first["kv_heads"] > 0
-
-
-def _record_layout(model: nn.Module, layout: list[dict]) -> None:
-    """Write the per-layer widths into ``model.config`` (stock fields when uniform)."""
-    cfg = model.config
-    cfg.head_dim = head_dim_of(model)  # RoPE and attention read it; it must not follow num_heads
-    if _is_uniform(layout):
-        cfg.num_attention_heads = layout[0]["heads"]
-        cfg.num_key_value_heads = layout[0]["kv_heads"]
-        cfg.intermediate_size = layout[0]["intermediate"]
-        if hasattr(cfg, "hawada_layout"):
-            del cfg.hawada_layout
-    else:
-        cfg.hawada_layout = [dict(x) for x in layout]
-
-
-MODELING_FILE = "modeling_hawada.py"
-
-
-def _modeling_source(arch: str) -> str:
-    """The ``trust_remote_code`` modeling file: the stock class plus :func:`apply_layout`."""
-    return (
-        '"""Per-layer widths for a pruned decoder (written by HawAda; needs only transformers)."""\n\n'
-        "import torch\nfrom torch import nn\n"
-        f"from transformers import {arch} as _Base\n\n\n"
-        + inspect.getsource(EmptyAttention)
-        + "\n\n"
-        + inspect.getsource(apply_layout)
-        + "\n\n"
-        + f"class Hawada{arch}(_Base):\n"
-        + "    def __init__(self, config):\n"
-        + "        super().__init__(config)\n"
-        + "        apply_layout(self, config.hawada_layout)\n"
-        + "        self.post_init()\n"
-    )
-
-
-def save_decoder(model: nn.Module, path: str) -> None:
-    """``save_pretrained`` (safetensors) + ``layout.json``; non-uniform layouts also get a
-    ``modeling_hawada.py`` and ``auto_map`` so ``AutoModelForCausalLM`` loads them with
-    ``trust_remote_code=True``."""
-    os.makedirs(path, exist_ok=True)
-    layout = layer_widths(model)
-    _record_layout(model, layout)
-    cfg = model.config
-    arch = type(model).__name__
-    uniform = _is_uniform(layout)
-    if not uniform:
-        cfg.auto_map = {"AutoModelForCausalLM": f"modeling_hawada.Hawada{arch}"}
-        with open(os.path.join(path, MODELING_FILE), "w") as f:
-            f.write(_modeling_source(arch))
-    elif hasattr(cfg, "auto_map"):
-        del cfg.auto_map
-    model.save_pretrained(path, safe_serialization=True)
-    lay = HFDecoderAdapter().layout(model)
-    lay["uniform"] = uniform
-    with open(os.path.join(path, LAYOUT_FILE), "w") as f:
-        json.dump(lay, f, indent=1)
-
-
-def _read_config(path: str):
-    if not os.path.isdir(path):
-        raise CheckpointError(f"model folder not found: {path}")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise CheckpointError(f"{path} has no config.json: not a Hugging Face model folder")
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(path, local_files_only=True)
-
-
-def _state_dict_from(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for fn in files:
-            state.update(load_file(os.path.join(path, fn)))
-        return state
-    single = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(single):
-        raise CheckpointError(f"{path} has no model.safetensors")
-    return load_file(single)
-
-
-def load_decoder(path: str) -> nn.Module:
-    """Load a folder written by :func:`save_decoder` with stock transformers classes."""
-    import transformers
-
-    cfg = _read_config(path)
-    with open(os.path.join(path, LAYOUT_FILE)) as f:
-        lay = json.load(f)
-    cls = getattr(transformers, lay["arch"], None)
-    if cls is None or lay["arch"] not in KNOWN_CLASSES:
-        raise ValueError(f"{path}: architecture {lay['arch']!r} is not one the hf_decoder family loads")
-    if hasattr(cfg, "auto_map"):
-        del cfg.auto_map
-    model = cls(cfg)
-    if not _is_uniform(lay["layers"]):
-        apply_layout(model, lay["layers"])
-    state = _state_dict_from(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight")} if lay.get("tie_word_embeddings") else set()
-    if set(missing) - tied or unexpected:
-        raise ValueError(
-            f"{path}: weights do not fit the layout (missing {sorted(set(missing) - tied)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]})"
-        )
-    if tied:
-        model.tie_weights()
-    _record_layout(model, lay["layers"])
-    return model.eval()
-
-
-def load_causal_lm(path: str, attn_implementation: str | None = None, dtype: Any = None) -> nn.Module:
-    """A teacher from a Hugging Face folder (or a HawAda-saved slim folder)."""
-    if os.path.isfile(os.path.join(path, LAYOUT_FILE)):
-        return load_decoder(path)
-    cfg = _read_config(path)
-    from transformers import AutoModelForCausalLM
-
-    kw: dict[str, Any] = {"local_files_only": True}
-    if attn_implementation:
-        kw["attn_implementation"] = attn_implementation
-    if dtype is not None:
-        kw["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(path, config=cfg, **kw)
-    if not HFDecoderAdapter.matches(model):
-        raise ValueError(f"{path}: {type(model).__name__} does not have the LLaMA layer layout")
-    return model.eval()
+        return decoder_layout(model)
