@@ -30,8 +30,8 @@ def recipe_of(kind: str) -> SimpleNamespace:
 def registry(monkeypatch):
     """A copy of the registry (built-ins loaded) that the test may change freely."""
     job_kinds()
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
-    return base._REGISTRY
+    monkeypatch.setattr(base.JOBS, "entries", dict(base.JOBS.entries))
+    return base.JOBS.entries
 
 
 def test_builtin_kinds_resolve_to_their_builders() -> None:
@@ -47,10 +47,10 @@ def test_every_kind_a_recipe_may_name_has_a_job() -> None:
     assert sorted(allowed) == job_kinds()
 
 
-def test_pipeline_uses_the_registry() -> None:
-    import hawada.pipeline as pipeline
+def test_the_run_uses_the_registry() -> None:
+    import hawada.run.context as run_context
 
-    assert pipeline.build_job is build_job and pipeline.Job is Job
+    assert run_context.build_job is build_job and run_context.Job is Job
 
 
 def test_unknown_kind_is_one_line_naming_the_known_kinds() -> None:
@@ -81,7 +81,9 @@ def test_a_kind_held_by_another_builder_is_refused(registry) -> None:
     def build_other(recipe, device):
         raise AssertionError("never called")
 
-    with pytest.raises(ValueError, match=r"'digits' already has a job builder \(hawada\.jobs\.vision\."):
+    with pytest.raises(
+        ValueError, match=r"data.kind 'digits' is already registered \(hawada\.jobs\.vision\."
+    ):
         register_job("digits")(build_other)
     # all or nothing: the free kind of a refused registration is not taken either
     with pytest.raises(ValueError, match="'stdlib_source'"):

@@ -9,6 +9,7 @@ from torch import nn
 
 from hawada.core.gates import GateConfig
 from hawada.core.proxy_cost import CostTerm
+from hawada.registry import Registry
 
 
 class UnknownModelError(ValueError):
@@ -103,51 +104,35 @@ class Adapter:
         raise NotImplementedError
 
 
-_REGISTRY: dict[str, type[Adapter]] = {}
+BUILTIN_FAMILIES = ("hawada.adapters.resnet", "hawada.adapters.hf_encoder", "hawada.adapters.hf_decoder")
+
+ADAPTERS: Registry[type[Adapter]] = Registry(
+    "model family",
+    BUILTIN_FAMILIES,
+    lambda name, known: UnknownModelError(f"unknown model family {name!r}; known: {', '.join(known)}"),
+)
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
     """Class decorator: make an adapter findable by family name and by model type."""
-    _REGISTRY[cls.family] = cls
+    ADAPTERS.add((cls.family,), cls)
     return cls
 
 
 def families() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
+    return ADAPTERS.names()
 
 
 def get_adapter(family: str) -> Adapter:
-    _load_builtin()
-    if family not in _REGISTRY:
-        raise UnknownModelError(f"unknown model family {family!r}; known: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[family]()
+    return ADAPTERS.get(family)()
 
 
 def adapter_for(model: nn.Module) -> Adapter:
     """The adapter whose family recognises ``model``."""
-    _load_builtin()
-    for cls in _REGISTRY.values():
+    for cls in ADAPTERS:
         if cls.matches(model):
             return cls()
     raise UnknownModelError(
         f"no adapter recognises a model of type {type(model).__name__}; known families: "
-        f"{', '.join(sorted(_REGISTRY))}"
+        f"{', '.join(families())}"
     )
-
-
-BUILTIN_FAMILIES = ("hawada.adapters.resnet", "hawada.adapters.hf_encoder", "hawada.adapters.hf_decoder")
-
-
-def _load_builtin() -> None:
-    # Families register on import. A family whose library (torchvision, transformers) is not
-    # installed is skipped; an error inside HawAda's own code is raised.
-    import importlib
-
-    for mod in BUILTIN_FAMILIES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name == mod or not (e.name or "").startswith("hawada"):
-                continue
-            raise
