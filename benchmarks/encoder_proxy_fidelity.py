@@ -21,8 +21,8 @@ from common import write_result  # noqa: E402
 
 from hawada.config import load_recipe  # noqa: E402
 from hawada.jobs import build_job  # noqa: E402
-from hawada.pipeline import gate_config, make_meter  # noqa: E402
-from hawada.profile import proxy_fidelity  # noqa: E402
+from hawada.run.context import make_meter  # noqa: E402
+from hawada.run.fidelity import proxy_fidelity  # noqa: E402
 
 RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "recipes", "cpu", "minilm-l6.yaml")
 
@@ -42,7 +42,7 @@ def main() -> None:
     t0 = time.perf_counter()
     job = build_job(r, torch.device("cpu"))
     meter = make_meter(r, job)
-    gated = job.adapter.attach(copy.deepcopy(job.teacher), gate_config(r))
+    gated = job.adapter.attach(copy.deepcopy(job.teacher), r.gates)
     fid = proxy_fidelity(
         gated, job.adapter, job.latency_inputs, meter, "cpu", calib_points=a.calib, points=a.points
     )

@@ -11,7 +11,7 @@ import time
 from common import write_result
 
 from hawada.config import load_recipe
-from hawada.pipeline import optimize
+from hawada.run import optimize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,7 +10,7 @@ import sys
 from common import write_result
 
 from hawada.config import load_recipe
-from hawada.profile import profile_recipe
+from hawada.run.fidelity import profile_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

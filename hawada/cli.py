@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_optimize(args: argparse.Namespace) -> int:
-    from hawada.pipeline import optimize, resume_recipe
-    from hawada.report import format_report
+    from hawada.run import optimize, resume_recipe
+    from hawada.run.report import format_report
 
     if args.resume is not None:
         if args.recipe is not None or args.overrides:
@@ -81,7 +81,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    from hawada.profile import profile_recipe
+    from hawada.run.fidelity import profile_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.points < 2:
@@ -129,7 +129,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hawada.pipeline import RunInterrupted
+    from hawada.run import RunInterrupted
 
     args = build_parser().parse_args(argv)
     cmds = {"optimize": _cmd_optimize, "profile": _cmd_profile, "export": _cmd_export, "eval": _cmd_eval}

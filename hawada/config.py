@@ -1,7 +1,12 @@
-"""Recipes: YAML validated against a schema of nested dataclasses.
+"""Recipes: YAML validated against one schema, made of the engine's own settings dataclasses.
 
-Every error is a :class:`RecipeError` with one line that names the field: an unknown key
-names the nearest valid one, a wrong type or range names the field and what it accepts.
+The sections ``gates``, ``penalties``, ``kd``, ``train``, ``proxy``, ``search``, ``finetune`` and
+``measure`` ARE the engine's dataclasses (``GateConfig``, ``PenaltyWeights``, ``KDConfig``,
+``TrainConfig``, ``ProxyConfig``, ``SearchConfig``, ``FinetuneConfig``, ``MeasureConfig``): their
+defaults and ranges (:func:`hawada.core.schema.knob`) are the recipe's. The other sections describe
+the run itself (model, data, target, output, ...). Every error is a :class:`RecipeError` with one
+line that names the field: an unknown key names the nearest valid one, a wrong type or range names
+the field and what it accepts.
 """
 
 from __future__ import annotations
@@ -10,39 +15,33 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import yaml
+
+from hawada.core.distill import KDConfig
+from hawada.core.finetune import FinetuneConfig
+from hawada.core.gates import GateConfig, PenaltyWeights
+from hawada.core.profiler import MeasureConfig
+from hawada.core.proxy_cost import ProxyConfig
+from hawada.core.schema import FROM_RUN, check_range, knob
+from hawada.core.search_export import SearchConfig
+from hawada.core.train import TrainConfig
 
 
 class RecipeError(ValueError):
     """A recipe (or a --set override) that does not fit the schema."""
 
 
-def _f(
-    default: Any = dataclasses.MISSING,
-    *,
-    factory: Any = None,
-    lo: float | None = None,
-    hi: float | None = None,
-    lo_open: bool = False,
-    help: str = "",
-) -> Any:
-    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "help": help}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
 @dataclass
 class ModelSection:
-    family: str = _f("resnet", help="adapter family: resnet, hf_encoder, ...")
-    arch: str = _f("resnet18", help="architecture name within the family")
-    path: str | None = _f(None, help="weights file or model folder; null: build/train as the recipe says")
-    num_classes: int = _f(10, lo=1)
-    attn_implementation: str | None = _f(None)
-    dropout: float | None = _f(
+    family: str = knob("resnet", help="adapter family: resnet, hf_encoder, ...")
+    arch: str = knob("resnet18", help="architecture name within the family")
+    path: str | None = knob(None, help="weights file or model folder; null: build/train as the recipe says")
+    num_classes: int = knob(10, lo=1)
+    attn_implementation: str | None = None
+    dropout: float | None = knob(
         None,
         lo=0.0,
         hi=0.9,
@@ -52,153 +51,56 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    kind: Literal["digits", "imagefolder", "stdlib_docstrings", "stdlib_source"] = _f("digits")
-    path: str | None = _f(None, help="dataset folder (imagefolder)")
-    image_size: int = _f(32, lo=8)
-    batch_size: int = _f(64, lo=1)
-    seq_len: int = _f(128, lo=8)
-    val_fraction: float = _f(0.2, lo=0.0, hi=0.9)
-    num_workers: int = _f(0, lo=0)
-    max_chars: int | None = _f(None, lo=1000)
+    kind: Literal["digits", "imagefolder", "stdlib_docstrings", "stdlib_source"] = "digits"
+    path: str | None = knob(None, help="dataset folder (imagefolder)")
+    image_size: int = knob(32, lo=8)
+    batch_size: int = knob(64, lo=1)
+    seq_len: int = knob(128, lo=8)
+    val_fraction: float = knob(0.2, lo=0.0, hi=0.9)
+    num_workers: int = knob(0, lo=0)
+    max_chars: int | None = knob(None, lo=1000)
 
 
 @dataclass
 class TeacherSection:
-    epochs: int = _f(8, lo=0)
-    lr: float = _f(2e-3, lo=0.0, lo_open=True)
-
-
-@dataclass
-class GatesSection:
-    mode: Literal["hard_concrete", "sigmoid", "ste"] = _f("hard_concrete")
-    init_logit: float = _f(3.0)
-    tau: float = _f(2.0 / 3.0, lo=0.0, lo_open=True)
-    tau_final: float | None = _f(None, lo=0.0, lo_open=True)
-    group_size: dict[str, int] = _f(factory=dict)
-    min_keep: dict[str, int] = _f(factory=dict)
-    kinds: list[str] | None = _f(None)
-
-
-@dataclass
-class PenaltySection:
-    l0: float = _f(0.0, lo=0.0)
-    floor: float = _f(1.0, lo=0.0)
-    floor_frac: float = _f(0.05, lo=0.0, hi=1.0)
-    bimodal: float = _f(0.0, lo=0.0)
-    cost_weighted: bool = _f(True)
-
-
-@dataclass
-class KDSection:
-    temperature: float = _f(2.0, lo=0.0, lo_open=True)
-    alpha_kl: float = _f(1.0, lo=0.0)
-    alpha_mse: float = _f(0.0, lo=0.0)
-    alpha_cos: float = _f(1.0, lo=0.0)
-    alpha_emb_mse: float = _f(1.0, lo=0.0)
-    alpha_hidden: float = _f(
-        0.0, lo=0.0, help="per-layer hidden-state MSE relative to the teacher's scale (hf_encoder)"
-    )
-    alpha_hidden_gates: float | None = _f(
-        None,
-        lo=0.0,
-        help="alpha_hidden during gate training; null: alpha_hidden (a large one holds gates open)",
-    )
-
-
-@dataclass
-class TrainSection:
-    steps: int = _f(200, lo=1)
-    lr_weights: float = _f(1e-4, lo=0.0)
-    lr_gates: float = _f(0.05, lo=0.0, lo_open=True)
-    weight_decay: float = _f(0.0, lo=0.0)
-    lambda_lr: float = _f(0.5, lo=0.0, lo_open=True)
-    lambda_max: float = _f(100.0, lo=0.0, lo_open=True)
-    target_ramp_steps: int = _f(0, lo=0)
-    probe_every: int = _f(50, lo=0)
-    alternating: bool = _f(False)
-    amp: Literal["off", "bf16", "fp16"] = _f("off")
-    grad_clip: float = _f(1.0, lo=0.0)
-    checkpoint_every: int = _f(
-        100, lo=0, help="write a resumable checkpoint every N gate steps; 0: only at a stop"
-    )
-    max_bad_steps: int = _f(
-        5, lo=1, help="stop (with a checkpoint) after this many non-finite steps in a row"
-    )
+    epochs: int = knob(8, lo=0)
+    lr: float = knob(2e-3, lo=0.0, lo_open=True)
 
 
 @dataclass
 class TargetSection:
-    ratio: float | None = _f(0.5, lo=0.0, hi=1.0, lo_open=True, help="fraction of the keep-all latency")
-    latency_ms: float | None = _f(None, lo=0.0, lo_open=True, help="absolute target; overrides ratio")
-    batch_size: int = _f(64, lo=1)
-    phase: Literal["prefill", "decode", "mix"] = _f(
+    ratio: float | None = knob(0.5, lo=0.0, hi=1.0, lo_open=True, help="fraction of the keep-all latency")
+    latency_ms: float | None = knob(None, lo=0.0, lo_open=True, help="absolute target; overrides ratio")
+    batch_size: int = knob(64, lo=1)
+    phase: Literal["prefill", "decode", "mix"] = knob(
         "prefill", help="language models: time the prompt's prefill, one decode step, or both"
     )
-    context_len: int = _f(256, lo=1, help="language models: prompt length / KV-cache length of a decode step")
-    decode_tokens: int = _f(16, lo=1, help="language models, phase mix: decode steps timed after the prefill")
-
-
-@dataclass
-class ProxySection:
-    mode: Literal["lut", "analytic"] = _f("lut")
-    calib_points: int = _f(6, lo=2)
-    lut_repeats: int = _f(5, lo=1, help="timed runs per lookup-table op (at least)")
-    lut_budget_s: float = _f(0.3, lo=0.0, lo_open=True, help="time budget per lookup-table op")
-
-
-@dataclass
-class SearchSection:
-    multiples: list[int] = _f(factory=lambda: [1, 4, 8, 16])
-    modes: list[str] = _f(factory=lambda: ["floor", "nearest", "ceil"])
-    fill_probes: int = _f(
-        0,
-        lo=0,
-        help="measured exports after the grid: reopen closed gates while within target, or close "
-        "open ones until within it; 0: off",
+    context_len: int = knob(
+        256, lo=1, help="language models: prompt length / KV-cache length of a decode step"
     )
-
-
-@dataclass
-class FinetuneSection:
-    steps: int = _f(100, lo=0)
-    lr: float = _f(1e-4, lo=0.0, lo_open=True)
-    warmup_steps: int = _f(10, lo=0)
-    eval_every: int = _f(50, lo=1)
-    bn_recalib_batches: int = _f(10, lo=0)
-
-
-@dataclass
-class MeasureSection:
-    warmup: int = _f(3, lo=0)
-    min_repeats: int = _f(10, lo=1)
-    max_repeats: int = _f(200, lo=1)
-    budget_s: float = _f(3.0, lo=0.0, lo_open=True)
-    timer: Literal["python", "auto", "cpp"] = _f(
-        "python",
-        help="python: the eager model as users run it; cpp/auto: the compiled extension's loop over a "
-        "traced program (less Python overhead, so not what an eager user sees)",
+    decode_tokens: int = knob(
+        16, lo=1, help="language models, phase mix: decode steps timed after the prefill"
     )
-    cuda_graph: bool = _f(False, help="CUDA: time CUDA-graph replays")
 
 
 @dataclass
 class ExportSection:
-    uniform: bool = _f(False)
+    uniform: bool = False
 
 
 @dataclass
 class OutputSection:
-    dir: str = _f("runs/run")
-    overwrite: bool = _f(False)
-    plot: bool = _f(True)
-    keep_state: bool = _f(
+    dir: str = "runs/run"
+    overwrite: bool = False
+    plot: bool = True
+    keep_state: bool = knob(
         False, help="keep state/ (recipe, measurements, last gate checkpoint) in the output"
     )
 
 
 @dataclass
 class DistributedSection:
-    strategy: Literal["ddp", "fsdp"] = _f(
+    strategy: Literal["ddp", "fsdp"] = knob(
         "ddp",
         help="under torchrun: ddp replicates student and teacher on every rank; fsdp shards their "
         "layers across the ranks (FSDP2 fully_shard) during gate training",
@@ -207,30 +109,66 @@ class DistributedSection:
 
 @dataclass
 class Recipe:
-    name: str = _f("run")
-    seed: int = _f(0, lo=0)
-    device: str = _f("cpu")
-    threads: int = _f(0, lo=0, help="torch CPU threads; 0 keeps torch's default")
-    progress: bool = _f(True)
-    deterministic: bool = _f(False, help="torch.use_deterministic_algorithms(True) for the run")
-    model: ModelSection = _f(factory=ModelSection)
-    data: DataSection = _f(factory=DataSection)
-    teacher: TeacherSection = _f(factory=TeacherSection)
-    gates: GatesSection = _f(factory=GatesSection)
-    penalties: PenaltySection = _f(factory=PenaltySection)
-    kd: KDSection = _f(factory=KDSection)
-    train: TrainSection = _f(factory=TrainSection)
-    target: TargetSection = _f(factory=TargetSection)
-    proxy: ProxySection = _f(factory=ProxySection)
-    search: SearchSection = _f(factory=SearchSection)
-    finetune: FinetuneSection = _f(factory=FinetuneSection)
-    measure: MeasureSection = _f(factory=MeasureSection)
-    export: ExportSection = _f(factory=ExportSection)
-    output: OutputSection = _f(factory=OutputSection)
-    distributed: DistributedSection = _f(factory=DistributedSection)
+    name: str = "run"
+    seed: int = knob(0, lo=0)
+    device: str = "cpu"
+    threads: int = knob(0, lo=0, help="torch CPU threads; 0 keeps torch's default")
+    progress: bool = True
+    deterministic: bool = knob(False, help="torch.use_deterministic_algorithms(True) for the run")
+    model: ModelSection = knob(factory=ModelSection)
+    data: DataSection = knob(factory=DataSection)
+    teacher: TeacherSection = knob(factory=TeacherSection)
+    gates: GateConfig = knob(factory=GateConfig)
+    penalties: PenaltyWeights = knob(factory=PenaltyWeights)
+    kd: KDConfig = knob(factory=KDConfig)
+    train: TrainConfig = knob(factory=TrainConfig)
+    target: TargetSection = knob(factory=TargetSection)
+    proxy: ProxyConfig = knob(factory=ProxyConfig)
+    search: SearchConfig = knob(factory=SearchConfig)
+    finetune: FinetuneConfig = knob(factory=FinetuneConfig)
+    measure: MeasureConfig = knob(factory=MeasureConfig)
+    export: ExportSection = knob(factory=ExportSection)
+    output: OutputSection = knob(factory=OutputSection)
+    distributed: DistributedSection = knob(factory=DistributedSection)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The recipe as its sections' keys (fields the run fills from elsewhere are left out)."""
+        return _to_dict(self)
+
+    def resolved(self, section: str) -> Any:
+        """A section's settings with the fields the run fills from other keys filled in.
+
+        E.g. ``resolved("train")`` is the ``TrainConfig`` of gate training, with the recipe's
+        ``seed``, ``progress``, ``penalties`` and ``kd``.
+        """
+        obj = getattr(self, section)
+        fill = {
+            f.name: self._lookup(f.metadata[FROM_RUN])
+            for f in dataclasses.fields(obj)
+            if f.metadata.get(FROM_RUN)
+        }
+        return dataclasses.replace(obj, **fill) if fill else obj
+
+    def _lookup(self, dotted: str) -> Any:
+        node: Any = self
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        return node
+
+
+def _recipe_fields(cls: type) -> dict[str, dataclasses.Field]:
+    """The fields of a section that are recipe keys (not those the run fills from other keys)."""
+    return {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get(FROM_RUN)}
+
+
+def _to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {name: _to_dict(getattr(obj, name)) for name in _recipe_fields(type(obj))}
+    if isinstance(obj, list | tuple):
+        return [_to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _to_dict(v) for k, v in obj.items()}
+    return obj
 
 
 # ---------------------------------------------------------------------- validation
@@ -242,7 +180,7 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if tp is type(None):
         return "null"
-    if origin is list:
+    if origin in (list, tuple):
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     if origin is dict:
         return "a mapping"
@@ -277,6 +215,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise bad
         (inner,) = typing.get_args(tp)
         return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:  # YAML lists; tuple[X, ...] any length, tuple[X, Y] exactly that many
+        args = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise bad
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise RecipeError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin is dict:
         if not isinstance(value, dict):
             raise bad
@@ -303,22 +250,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise bad
 
 
-def _check_range(value: Any, meta: Any, where: str) -> None:
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        return
-    lo, hi, lo_open = meta.get("lo"), meta.get("hi"), meta.get("lo_open")
-    if lo is not None and (value <= lo if lo_open else value < lo):
-        raise RecipeError(f"{where}: must be {'>' if lo_open else '>='} {lo:g}, got {value!r}")
-    if hi is not None and value > hi:
-        raise RecipeError(f"{where}: must be <= {hi:g}, got {value!r}")
-
-
 def _build(cls: type, data: Any, where: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(f"{where or 'recipe'}: expected a mapping of settings, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = _recipe_fields(cls)
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
@@ -332,12 +269,17 @@ def _build(cls: type, data: Any, where: str) -> Any:
             )
             raise RecipeError(f"unknown key '{path}'{hint}")
         v = _coerce(value, hints[key], path)
-        _check_range(v, fields[key].metadata, path)
-        if isinstance(v, list):
-            for item in v:
-                _check_range(item, fields[key].metadata, path)
+        try:
+            check_range(v, fields[key].metadata, path)
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
         kwargs[key] = v
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except RecipeError:
+        raise
+    except ValueError as e:  # the settings' own checks (check_fields) name the field already
+        raise RecipeError(str(e).splitlines()[0]) from None
 
 
 def recipe_from_dict(data: Any) -> Recipe:
@@ -347,12 +289,6 @@ def recipe_from_dict(data: Any) -> Recipe:
         raise RecipeError("target: give ratio or latency_ms")
     if r.data.kind == "imagefolder" and not r.data.path:
         raise RecipeError("data.path: the imagefolder data kind needs a dataset folder")
-    for m in r.search.modes:
-        if m not in ("floor", "nearest", "ceil"):
-            raise RecipeError(f"search.modes: {m!r} is not one of floor, nearest, ceil")
-    for m in r.search.multiples:
-        if m < 1:
-            raise RecipeError(f"search.multiples: {m} must be >= 1")
     return r
 
 

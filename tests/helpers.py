@@ -25,3 +25,32 @@ def tiny_resnet(num_classes: int = 10) -> ResNet:
     """A one-block-per-stage ResNet (BasicBlock), random BN statistics, eval mode."""
     torch.manual_seed(0)
     return randomize_bn(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes)).eval()
+
+
+def tiny_digits_recipe(**sections) -> dict:
+    """A recipe mapping for a seconds-long run on the digits set; ``sections`` update its sections
+    (a mapping updates that section's keys, anything else replaces the key)."""
+    recipe = {
+        "name": "tiny",
+        "progress": False,
+        "model": {"family": "resnet", "arch": "resnet18", "num_classes": 10},
+        "data": {"kind": "digits", "image_size": 16, "batch_size": 32},
+        "teacher": {"epochs": 0},
+        "measure": {"min_repeats": 2, "max_repeats": 5, "budget_s": 0.05},
+        "output": {"plot": False},
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) else value
+    return recipe
+
+
+def project_per_segment(logits: torch.Tensor, store, margin: float) -> torch.Tensor:
+    """The constraint projection written as a plain loop: per segment, clamp to the store's
+    ``logit_clip``, then raise the ``min_keep`` largest logits (lower index first on ties) to ``margin``."""
+    out = logits.clone().clamp(-store.config.logit_clip, store.config.logit_clip)
+    for s in store.segments:
+        seg = out[s.start : s.stop]
+        order = sorted(range(s.count), key=lambda i: (-float(seg[i]), i))
+        for i in order[: s.min_keep]:
+            seg[i] = max(float(seg[i]), margin)
+    return out

@@ -67,7 +67,9 @@ def test_cpp_timer_median_is_close_to_python_timed_median(ext, one_thread):
 
 def test_auto_uses_the_cpp_timer_and_python_is_still_available(ext, one_thread):
     model, x = small_model(), torch.randn(2, 96)
-    assert measure_latency_ms(model, x, min_repeats=5, max_repeats=10).timer == "cpp_steady_clock"
+    assert (
+        measure_latency_ms(model, x, min_repeats=5, max_repeats=10, timer="auto").timer == "cpp_steady_clock"
+    )
     assert measure_latency_ms(model, x, min_repeats=5, max_repeats=10, timer="python").timer == "perf_counter"
     assert model.training is False
 
@@ -89,7 +91,10 @@ def test_dict_inputs_and_untraceable_calls(ext, one_thread):
     assert res.timer == "cpp_steady_clock" and res.n >= 5
     # A plain callable cannot be traced: auto falls back, an explicit cpp request is an error.
     fn = lambda a: a * 2  # noqa: E731
-    assert measure_latency_ms(fn, torch.randn(3), min_repeats=3, max_repeats=3).timer == "perf_counter"
+    assert (
+        measure_latency_ms(fn, torch.randn(3), min_repeats=3, max_repeats=3, timer="auto").timer
+        == "perf_counter"
+    )
     with pytest.raises(ValueError, match="timer='cpp'"):
         measure_latency_ms(fn, torch.randn(3), timer="cpp", min_repeats=3, max_repeats=3)
     with pytest.raises(ValueError, match="timer must be"):

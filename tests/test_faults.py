@@ -9,13 +9,13 @@ import torch
 import yaml
 
 import hawada
-import hawada.pipeline as pipeline
+import hawada.run.context as run_context
 from hawada.adapters.base import get_adapter
 from hawada.cli import main
 from hawada.core.checkpoint import load_checkpoint
 from hawada.core.proxy_cost import LatencyProxy
 from hawada.core.train import LagrangeTrainer, NonFiniteError, TrainConfig
-from tests.helpers import tiny_resnet
+from tests.helpers import tiny_digits_recipe, tiny_resnet
 
 X = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 Y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(1))
@@ -41,7 +41,7 @@ def test_nan_batch_is_skipped_counted_and_training_goes_on():
     snaps = []
     hist = tr.fit([(X, Y), (NAN, Y), (X, Y)], on_step=lambda rec: snaps.append((snapshot(tr), float(tr.lam))))
     assert [h.get("skipped", False) for h in hist] == [False, True, False, False, True, False]
-    assert tr.bad_total == 2 and tr.bad_in_row == 0
+    assert tr.bad_total == 2 and tr.guard.in_row == 0  # the phase's StepGuard counts skipped steps
     for i in (1, 4):  # a skipped step changes no weight, no gate, no lambda
         before, after = snaps[i - 1], snaps[i]
         assert after[1] == before[1]
@@ -76,29 +76,23 @@ def test_k_bad_steps_in_a_row_checkpoint_and_stop():
     assert written == [4] and tr.step_idx == 4
 
 
-TINY = {
-    "name": "tiny-nan",
-    "progress": False,
-    "model": {"family": "resnet", "arch": "resnet18", "num_classes": 10},
-    "data": {"kind": "digits", "image_size": 16, "batch_size": 32},
-    "teacher": {"epochs": 0},
-    "train": {"steps": 10, "probe_every": 0, "max_bad_steps": 3},
-    "target": {"ratio": 0.6, "batch_size": 4},
-    "proxy": {"mode": "analytic", "calib_points": 2},
-    "measure": {"min_repeats": 2, "max_repeats": 5, "budget_s": 0.05},
-    "output": {"plot": False},
-}
+TINY = tiny_digits_recipe(
+    name="tiny-nan",
+    train={"steps": 10, "probe_every": 0, "max_bad_steps": 3},
+    target={"ratio": 0.6, "batch_size": 4},
+    proxy={"mode": "analytic", "calib_points": 2},
+)
 
 
 def test_cli_stops_with_exit_2_one_line_and_a_checkpoint(tmp_path, monkeypatch, capsys):
-    real = pipeline.build_job
+    real = run_context.build_job
 
     def nan_job(recipe, device):
         job = real(recipe, device)
         job.train_loader = [(torch.full((4, 3, 16, 16), float("nan")), torch.zeros(4, dtype=torch.long))]
         return job
 
-    monkeypatch.setattr(pipeline, "build_job", nan_job)
+    monkeypatch.setattr(run_context, "build_job", nan_job)
     out = tmp_path / "run"
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({**TINY, "output": {**TINY["output"], "dir": str(out)}}))

@@ -96,7 +96,7 @@ def test_bad_inputs(tmp_path):
 
 
 def test_pipeline_smoke(tmp_path):
-    from hawada.pipeline import optimize
+    from hawada.run import optimize
     from hawada.slim_io import load_slim
 
     tiny_teacher(str(tmp_path / "t"))

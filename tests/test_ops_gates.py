@@ -24,6 +24,7 @@ from hawada.ops import (
     project_gates,
     use_backend,
 )
+from tests.helpers import project_per_segment
 
 MODES = ["hard_concrete", "sigmoid", "ste"]
 
@@ -158,22 +159,11 @@ def _project_case(store: GateStore) -> torch.Tensor:
     return lg
 
 
-def plain_project(store: GateStore, lg: torch.Tensor, margin: float) -> torch.Tensor:
-    """Per segment: clamp, then raise the ``min_keep`` largest (lower index first on ties)."""
-    out = lg.clone().clamp(-store.config.logit_clip, store.config.logit_clip)
-    for s in store.segments:
-        seg = out[s.start : s.stop]
-        order = sorted(range(s.count), key=lambda i: (-float(seg[i]), i))
-        for i in order[: s.min_keep]:
-            seg[i] = max(float(seg[i]), margin)
-    return out
-
-
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_project_matches_plain(backend):
     store = make_store()
     start = _project_case(store)
-    expected = plain_project(store, start, 0.05)
+    expected = project_per_segment(start, store, 0.05)
     with torch.no_grad():
         store.logits.copy_(start)
     with use_backend(backend):

@@ -11,10 +11,12 @@ from hawada.core.finetune import FinetuneConfig, finetune_student, lr_lambda, re
 from hawada.core.profiler import LatencyResult, latency_meter, summarize_samples
 from hawada.core.search_export import (
     Judge,
+    SearchConfig,
     choose_trial,
     closed_gates_by_logit,
     grid_search_latency,
     open_gates_by_logit,
+    search_export,
 )
 from tests.helpers import tiny_resnet
 
@@ -98,7 +100,7 @@ def test_fill_reopens_gates_up_to_the_target_and_no_further():
     floor = grid_search_latency(g, 1e9, meter, multiples=(1,), modes=("floor",))
     full = meter(hawada.export_keepall(g)).median_ms
     target = (floor.best["median_ms"] + full) / 2
-    res = grid_search_latency(g, target, meter, multiples=(1,), modes=("floor",), fill_probes=12)
+    res = search_export(g, target, meter, SearchConfig(multiples=[1], modes=["floor"], fill_probes=12))
     fills = [t for t in res.trials if t["mode"] == "fill"]
     assert fills and res.best["mode"] == "fill" and res.met_target
     assert floor.best["median_ms"] < res.best["median_ms"] <= target
@@ -109,7 +111,7 @@ def test_fill_reopens_gates_up_to_the_target_and_no_further():
     slim = hawada.export(g, res.policy)  # the export check holds for the filled keep set
     assert meter(slim).median_ms == res.best["median_ms"]
     # no fill when the grid itself is over the target
-    none = grid_search_latency(g, 1e-3, meter, multiples=(1,), modes=("floor",), fill_probes=4)
+    none = search_export(g, 1e-3, meter, SearchConfig(multiples=[1], modes=["floor"], fill_probes=4))
     assert not none.met_target and all(t["mode"] != "fill" for t in none.trials)
 
 
@@ -139,7 +141,7 @@ def test_trim_closes_gates_down_to_the_target_and_no_further():
     meter = ParamMeter()
     floor = grid_search_latency(g, 1e9, meter, multiples=(1,), modes=("floor",))
     target = 0.8 * floor.best["median_ms"]  # the trained keep set is over the target
-    res = grid_search_latency(g, target, meter, multiples=(1,), modes=("floor",), fill_probes=12)
+    res = search_export(g, target, meter, SearchConfig(multiples=[1], modes=["floor"], fill_probes=12))
     trims = [t for t in res.trials if t["mode"] == "trim"]
     assert trims and res.best["mode"] == "trim" and res.met_target
     assert res.best["median_ms"] <= target < floor.best["median_ms"]
@@ -152,7 +154,7 @@ def test_trim_closes_gates_down_to_the_target_and_no_further():
     counts = keep_counts(st, res.policy)
     assert all(counts[s.name] >= min(s.units, s.min_keep * s.group_size) for s in st.segments)
     # a target below the smallest allowed keep set: trimmed to it, and reported as not met
-    none = grid_search_latency(g, 1e-3, meter, multiples=(1,), modes=("floor",), fill_probes=12)
+    none = search_export(g, 1e-3, meter, SearchConfig(multiples=[1], modes=["floor"], fill_probes=12))
     assert not none.met_target and none.best["mode"] == "trim"
     assert none.best["closed"] == len(open_gates_by_logit(st, keep_counts(st, floor.policy)))
 
@@ -184,13 +186,11 @@ def test_a_ratio_target_is_judged_against_keep_all_timed_next_to_each_export():
     g = gated_random()
     full = hawada.export_keepall(g)
     keep_ms = param_count(full) / 1000.0
-    res = grid_search_latency(
+    res = search_export(
         g,
         0.5 * keep_ms,
         DriftMeter(),
-        multiples=(1,),
-        modes=("floor",),
-        fill_probes=12,
+        SearchConfig(multiples=[1], modes=["floor"], fill_probes=12),
         reference=full,
         ratio=0.5,
     )

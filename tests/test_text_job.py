@@ -107,7 +107,7 @@ def test_job_refuses_a_model_folder_without_tokenizer(tmp_path) -> None:
 
 def test_minilm_recipe_smoke_run(tmp_path) -> None:
     """A few steps of the real recipe on the packaged MiniLM weights, end to end."""
-    from hawada.pipeline import optimize
+    from hawada.run import optimize
 
     torch.set_num_threads(1)
     out = tmp_path / "run"

@@ -20,7 +20,7 @@ from hawada.core.gates import (
 )
 from hawada.core.profiler import measure_latency_ms
 from hawada.core.proxy_cost import CostTerm, LatencyProxy
-from hawada.core.search_export import grid_search_latency
+from hawada.core.search_export import SearchConfig, grid_search_latency, search_export
 from hawada.core.train import LagrangeTrainer, TrainConfig
 
 __all__ = [
@@ -43,6 +43,8 @@ __all__ = [
     "GateStore",
     "PenaltyWeights",
     "grid_search_latency",
+    "search_export",
+    "SearchConfig",
     "LagrangeTrainer",
     "TrainConfig",
     "finetune_student",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -9,6 +10,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from hawada.core.protocol import AdapterLike
+from hawada.core.schema import check_fields, knob
 
 
 @dataclass
@@ -21,24 +25,32 @@ class KDConfig:
     ``chunk_tokens``: rows per chunk for per-token KL over large vocabularies.
     ``alpha_hidden``: weight of the per-layer hidden-state loss (:func:`hidden_state_mse`,
     relative to the teacher's scale), for adapters whose pruned models keep the residual width.
+    ``alpha_hidden_gates``: ``alpha_hidden`` while the gates train (:meth:`for_gates`).
     """
 
-    temperature: float = 2.0
-    alpha_kl: float = 1.0
-    alpha_mse: float = 0.0
-    alpha_cos: float = 1.0
-    alpha_emb_mse: float = 1.0
-    chunk_tokens: int = 4096
-    alpha_hidden: float = 0.0
+    temperature: float = knob(2.0, lo=0.0, lo_open=True)
+    alpha_kl: float = knob(1.0, lo=0.0)
+    alpha_mse: float = knob(0.0, lo=0.0)
+    alpha_cos: float = knob(1.0, lo=0.0)
+    alpha_emb_mse: float = knob(1.0, lo=0.0)
+    chunk_tokens: int = knob(4096, lo=1)
+    alpha_hidden: float = knob(
+        0.0, lo=0.0, help="per-layer hidden-state MSE relative to the teacher's scale (hf_encoder)"
+    )
+    alpha_hidden_gates: float | None = knob(
+        None,
+        lo=0.0,
+        help="alpha_hidden during gate training; null: alpha_hidden (a large one holds gates open)",
+    )
 
     def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise ValueError(f"kd temperature must be > 0, got {self.temperature}")
-        for k in ("alpha_kl", "alpha_mse", "alpha_cos", "alpha_emb_mse", "alpha_hidden"):
-            if getattr(self, k) < 0:
-                raise ValueError(f"kd {k} must be >= 0, got {getattr(self, k)}")
-        if self.chunk_tokens < 1:
-            raise ValueError(f"kd chunk_tokens must be >= 1, got {self.chunk_tokens}")
+        check_fields(self, "kd")
+
+    def for_gates(self) -> KDConfig:
+        """The weights gate training uses: ``alpha_hidden_gates`` in place of ``alpha_hidden`` when set."""
+        if self.alpha_hidden_gates is None:
+            return self
+        return dataclasses.replace(self, alpha_hidden=self.alpha_hidden_gates)
 
 
 def _kl_rows(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -156,7 +168,7 @@ def distill_loss(
 
 
 def student_teacher_loss(
-    adapter: Any,
+    adapter: AdapterLike,
     student: torch.nn.Module,
     teacher: torch.nn.Module,
     batch: Any,
@@ -193,7 +205,7 @@ def student_teacher_loss(
     return loss
 
 
-def kd_outputs_of(adapter: Any, model: torch.nn.Module, batch: Any, hidden: bool) -> tuple:
+def kd_outputs_of(adapter: AdapterLike, model: torch.nn.Module, batch: Any, hidden: bool) -> tuple:
     """``(output, per-layer hidden states or None)`` of ``model`` on ``batch``."""
     if not hidden:
         return adapter.output(model, batch), None

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import math
+import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
@@ -16,13 +18,15 @@ from torch.nn.utils import skip_init
 
 from hawada.core.gates import GateStore
 from hawada.core.hooks import ADAPTER_ATTR, gates_of, strip_gate_hooks
+from hawada.core.protocol import AdapterLike
 from hawada.core.slicing import batched_slicing, current_batch
 
-ROUND_MODES = ("nearest", "floor", "ceil")
+RoundMode = Literal["nearest", "floor", "ceil"]
+ROUND_MODES = typing.get_args(RoundMode)
 
 
 class ExportError(RuntimeError):
-    """An export that cannot be made, or that would break DESIGN invariant 2."""
+    """An export that cannot be made, or that would break invariant 2 (docs/DESIGN.md)."""
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,7 @@ class Rounding:
     """
 
     multiple: int = 1
-    mode: str = "nearest"
+    mode: RoundMode = "nearest"
     min_keep_ratio: float = 0.0
 
     def __post_init__(self) -> None:
@@ -306,7 +310,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def adapter_of(model: nn.Module):
+def adapter_of(model: nn.Module) -> AdapterLike:
     """The adapter object ``attach`` stored on a gated model."""
     ad = getattr(model, ADAPTER_ATTR, None)
     if ad is None:

@@ -12,27 +12,28 @@ import torch
 from torch import nn
 
 from hawada.core.distill import KDConfig, kd_outputs_of, student_teacher_loss
-from hawada.core.distributed import SINGLE, DistEnv, any_rank, data_parallel, local_grads_finite, on_main
-from hawada.core.train import NonFiniteError, cycle, to_device
+from hawada.core.distributed import SINGLE, DistEnv, data_parallel, on_main
+from hawada.core.loop import Progress, StepGuard, cycle, to_device
+from hawada.core.protocol import AdapterLike
+from hawada.core.schema import check_fields, knob
 
 
 @dataclass
 class FinetuneConfig:
     """``steps`` of AdamW at ``lr`` with linear warm-up then cosine decay, stepped per step."""
 
-    steps: int = 100
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    eval_every: int = 50
-    bn_recalib_batches: int = 10
-    grad_clip: float = 1.0
-    max_bad_steps: int = 5
-    progress: bool = True
+    steps: int = knob(100, lo=0)
+    lr: float = knob(1e-4, lo=0.0, lo_open=True)
+    weight_decay: float = knob(0.0, lo=0.0)
+    warmup_steps: int = knob(10, lo=0)
+    eval_every: int = knob(50, lo=1)
+    bn_recalib_batches: int = knob(10, lo=0)
+    grad_clip: float = knob(1.0, lo=0.0)
+    max_bad_steps: int = knob(5, lo=1, from_run="train.max_bad_steps")
+    progress: bool = knob(True, from_run="progress")
 
     def __post_init__(self) -> None:
-        if self.steps < 0:
-            raise ValueError(f"finetune.steps must be >= 0, got {self.steps}")
+        check_fields(self, "finetune")
 
 
 def lr_lambda(step: int, warmup: int, total: int) -> float:
@@ -75,7 +76,7 @@ def recalibrate_batchnorm(
 def finetune_student(
     student: nn.Module,
     teacher: nn.Module,
-    adapter: Any,
+    adapter: AdapterLike,
     loader: Iterable,
     cfg: FinetuneConfig | None = None,
     kd: KDConfig | None = None,
@@ -122,51 +123,35 @@ def finetune_student(
         hidden = kd.alpha_hidden > 0
         fwd = data_parallel(student, lambda m, b: kd_outputs_of(adapter, m, b, hidden), env)
         it = cycle(loader)
-        bar = None
-        if cfg.progress and env.is_main:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=cfg.steps, desc="finetune", dynamic_ncols=True)
+        bar = Progress(cfg.progress, cfg.steps, "finetune", env=env)
         params = [p for p in student.parameters() if p.requires_grad]
-        buffers = list(student.buffers())
-        bad_in_row = 0
+        guard = StepGuard(student, [opt], "finetune", cfg.max_bad_steps, env)
+
+        def body(batch: Any, out: dict[str, torch.Tensor]) -> bool:
+            out["loss"] = student_teacher_loss(adapter, student, teacher, batch, kd, student_forward=fwd)
+            if not guard.backward(out["loss"], params):
+                return False
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            return True
+
         for step in range(1, cfg.steps + 1):
             student.train()
-            batch = to_device(next(it), device)
-            saved = [b.clone() for b in buffers]  # BatchNorm statistics a bad batch would poison
-            loss = student_teacher_loss(adapter, student, teacher, batch, kd, student_forward=fwd)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            ok = local_grads_finite(params, env) and not any_rank(
-                not bool(torch.isfinite(loss.detach())), env
-            )
-            rec = {"step": step, "kd": float(loss.detach()), "lr": sched.get_last_lr()[0]}
-            if ok:
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                sched.step()
-                bad_in_row = 0
-            else:
-                opt.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    for b, s in zip(buffers, saved):
-                        b.copy_(s)
+            out: dict[str, torch.Tensor] = {}
+            lr = sched.get_last_lr()[0]
+            ok = guard.run(body, to_device(next(it), device), out)
+            rec = {"step": step, "kd": float(out["loss"].detach()), "lr": lr}
+            if not ok:
                 rec["skipped"] = True
-                bad_in_row += 1
             hist.append(rec)
-            if bad_in_row >= cfg.max_bad_steps:
-                raise NonFiniteError(
-                    f"finetune: {bad_in_row} non-finite steps in a row (loss or gradient), the last at step {step}"
-                )
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(kd=f"{float(loss.detach()):.4f}")
+            guard.check(step)
+            bar.update(kd=f"{rec['kd']:.4f}")
             if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                 recal()
                 consider(step)
-        if bar is not None:
-            bar.close()
+        bar.close()
         if evaluate is None:
             recal()
     if best_state is not None:

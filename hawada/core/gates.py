@@ -11,7 +11,7 @@ and the constraint projection are whole-vector operations, never Python loops ov
 formulas live in the ops of :mod:`hawada.ops.gates` (one dispatch point between the torch
 reference and the Triton kernels); this module calls them.
 
-Probability (DESIGN invariant 3): ``GateStore.probs()`` is the probability that a gate is
+Probability (docs/DESIGN.md, invariant 3): ``GateStore.probs()`` is the probability that a gate is
 non-zero under the very distribution the training forward samples from:
 
 * ``hard_concrete``: z = clamp(sigmoid((log u - log(1-u) + l) / tau) * (zeta - gamma) + gamma, 0, 1),
@@ -27,13 +27,13 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from hawada.core.schema import check_fields, knob
 from hawada.ops.gates import (
-    GATE_MODES,
     GateMode,
     PenaltyTerms,
     SegmentTable,
@@ -65,31 +65,20 @@ class GateConfig:
     """
 
     mode: GateMode = "hard_concrete"
-    init_logit: float = 3.0
-    tau: float = 2.0 / 3.0
-    tau_final: float | None = None
+    init_logit: float = knob(3.0)
+    tau: float = knob(2.0 / 3.0, lo=0.0, lo_open=True)
+    tau_final: float | None = knob(None, lo=0.0, lo_open=True)
     stretch: tuple[float, float] = (-0.1, 1.1)
-    group_size: dict[str, int] = field(default_factory=dict)
-    min_keep: dict[str, int] = field(default_factory=dict)
+    group_size: dict[str, int] = knob(factory=dict, lo=1)
+    min_keep: dict[str, int] = knob(factory=dict, lo=0)
     kinds: tuple[str, ...] | None = None
-    logit_clip: float = 10.0
+    logit_clip: float = knob(10.0, lo=0.0, lo_open=True)
 
     def __post_init__(self) -> None:
-        if self.mode not in GATE_MODES:
-            raise ValueError(f"gate mode {self.mode!r} is not one of {GATE_MODES}")
-        if not self.tau > 0:
-            raise ValueError(f"gate temperature tau must be > 0, got {self.tau}")
-        if self.tau_final is not None and not self.tau_final > 0:
-            raise ValueError(f"gate tau_final must be > 0, got {self.tau_final}")
+        check_fields(self, "gates")
         gamma, zeta = self.stretch
         if not (gamma < 0 and zeta > 1):
-            raise ValueError(f"stretch must satisfy gamma < 0 < 1 < zeta, got {self.stretch}")
-        for kind, g in self.group_size.items():
-            if int(g) < 1:
-                raise ValueError(f"group_size[{kind!r}] must be >= 1, got {g}")
-        for kind, k in self.min_keep.items():
-            if int(k) < 0:
-                raise ValueError(f"min_keep[{kind!r}] must be >= 0, got {k}")
+            raise ValueError(f"gates.stretch: must satisfy gamma < 0 < 1 < zeta, got {tuple(self.stretch)}")
 
     def wants(self, kind: str) -> bool:
         """True when gates of ``kind`` should be attached."""
@@ -359,11 +348,14 @@ class PenaltyWeights:
     shortfall below ``floor_frac`` of each segment's units; ``bimodal``: mean p(1 - p).
     """
 
-    l0: float = 0.0
-    floor: float = 0.0
-    floor_frac: float = 0.05
-    bimodal: float = 0.0
+    l0: float = knob(0.0, lo=0.0)
+    floor: float = knob(1.0, lo=0.0)
+    floor_frac: float = knob(0.05, lo=0.0, hi=1.0)
+    bimodal: float = knob(0.0, lo=0.0)
     cost_weighted: bool = True
+
+    def __post_init__(self) -> None:
+        check_fields(self, "penalties")
 
 
 def penalty_terms(store: GateStore, weights: PenaltyWeights) -> PenaltyTerms:

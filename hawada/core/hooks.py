@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from hawada.core.gates import GateStore
+from hawada.core.protocol import AdapterLike
 
 STORE_ATTR = "hawada_gates"
 ADAPTER_ATTR = "_hawada_adapter"
@@ -113,7 +114,7 @@ def add_hook(module: nn.Module, hook: Any, pre: bool = False, with_kwargs: bool 
         module.register_forward_hook(hook, with_kwargs=with_kwargs)
 
 
-def install_store(model: nn.Module, store: GateStore, adapter: Any) -> None:
+def install_store(model: nn.Module, store: GateStore, adapter: AdapterLike) -> None:
     """Make ``store`` the model's GateStore and remember the adapter that built it."""
     if hasattr(model, STORE_ATTR):
         raise ValueError("model already has gates attached")

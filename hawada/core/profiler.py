@@ -3,23 +3,51 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import math
 import os
 import platform
 import statistics
 import time
+import typing
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from hawada import _ext
+from hawada.core.loop import to_device
+from hawada.core.schema import check_fields, knob
 
 Inputs = torch.Tensor | Sequence[Any] | Mapping[str, Any]
+Timer = Literal["python", "auto", "cpp"]
+TIMERS = typing.get_args(Timer)
+
+
+@dataclass
+class MeasureConfig:
+    """How one latency is measured: the recipe's ``measure`` section and the defaults of
+    :func:`measure_latency_ms` (see its docstring for each field)."""
+
+    warmup: int = knob(3, lo=0)
+    min_repeats: int = knob(10, lo=1)
+    max_repeats: int = knob(200, lo=1)
+    budget_s: float = knob(3.0, lo=0.0, lo_open=True)
+    rel_ci: float = knob(0.02, lo=0.0, help="stop once the 95% interval of the median is within this")
+    timer: Timer = knob(
+        "python",
+        help="python: the eager model as users run it; cpp/auto: the compiled extension's loop over a "
+        "traced program (less Python overhead, so not what an eager user sees)",
+    )
+    cuda_graph: bool = knob(False, help="CUDA: time CUDA-graph replays")
+    flush_l2: bool = knob(False, help="CUDA: overwrite the L2 cache before each timed call")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "measure")
 
 
 @dataclass
@@ -98,16 +126,6 @@ def module_device(model: nn.Module) -> torch.device | None:
     return None
 
 
-def _to(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, Mapping):
-        return {k: _to(v, device) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return type(x)(_to(v, device) for v in x)
-    return x
-
-
 def _describe(x: Any) -> tuple[list, str]:
     shapes, dtypes = [], set()
     items = x.values() if isinstance(x, Mapping) else (x if isinstance(x, list | tuple) else [x])
@@ -131,16 +149,13 @@ def measure_latency_ms(
     model: nn.Module | Callable,
     example_inputs: Inputs,
     device: str | torch.device | None = None,
-    warmup: int = 3,
-    min_repeats: int = 7,
-    max_repeats: int = 200,
-    budget_s: float = 3.0,
-    rel_ci: float = 0.02,
-    cuda_graph: bool = False,
-    timer: str = "auto",
-    flush_l2: bool = False,
+    config: MeasureConfig | None = None,
+    **overrides: Any,
 ) -> LatencyResult:
     """Time one forward of ``model(example_inputs)`` on ``device``.
+
+    The settings are ``config`` (default :class:`MeasureConfig`) with ``overrides`` (its field
+    names, e.g. ``min_repeats=5``) applied.
 
     Runs ``warmup`` untimed calls, then timed calls until the 95% interval of the median is
     within ``rel_ci`` of it (after ``min_repeats``), ``max_repeats`` are done, or
@@ -157,15 +172,18 @@ def measure_latency_ms(
     each timed call, outside the timed region. ``LatencyResult.timer`` names the timer used:
     ``perf_counter``, ``cuda_event``, ``cuda_graph``, ``cpp_steady_clock``, ``cpp_cuda_graph``.
     """
+    timer = overrides.get("timer", (config or MeasureConfig()).timer)
     if timer not in TIMERS:
         raise ValueError(f"timer must be one of {TIMERS}, got {timer!r}")
+    cfg = dataclasses.replace(config or MeasureConfig(), **overrides)
+    warmup, cuda_graph, flush_l2 = cfg.warmup, cfg.cuda_graph, cfg.flush_l2
     mdev = module_device(model) if isinstance(model, nn.Module) else None
     dev = torch.device(device) if device is not None else (mdev or torch.device("cpu"))
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     if mdev is not None and mdev.type != dev.type:
         raise ValueError(f"model weights are on {mdev} but latency was asked for on {dev}")
-    inputs = _to(example_inputs, dev)
+    inputs = to_device(example_inputs, dev, non_blocking=False)
     shapes, dtype = _describe(inputs)
     was_training = model.training if isinstance(model, nn.Module) else None
     if isinstance(model, nn.Module):
@@ -175,7 +193,7 @@ def measure_latency_ms(
     if flush_l2 and dev.type == "cuda":
         l2 = int(getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0) or 0)
         flush_buf = torch.empty(max(2 * l2, 1 << 20), dtype=torch.uint8, device=dev)
-    stop = (warmup, min_repeats, max_repeats, budget_s, rel_ci)
+    stop = (cfg.warmup, cfg.min_repeats, cfg.max_repeats, cfg.budget_s, cfg.rel_ci)
     try:
         samples, used = [], ""
         if timer != "python":
@@ -197,9 +215,6 @@ def measure_latency_ms(
         threads=torch.get_num_threads(),
         samples_ms=samples,
     )
-
-
-TIMERS = ("auto", "cpp", "python")
 
 
 def _python_samples(
@@ -407,14 +422,15 @@ def latency_meter(
     example_inputs: Inputs,
     device: str | torch.device,
     wrap: Callable[[nn.Module], Any] | None = None,
-    **measure_kw: Any,
+    config: MeasureConfig | None = None,
+    **overrides: Any,
 ) -> Meter:
     """``meter(model) -> LatencyResult``: one way of timing a plain model, used everywhere a run
     measures (keep-all, calibration, probes, search, report). ``wrap(model)`` turns the model
     into what is timed (e.g. one decode step with a KV cache); default: the model itself."""
 
     def meter(model: nn.Module) -> LatencyResult:
-        return measure_latency_ms(wrap(model) if wrap else model, example_inputs, device=device, **measure_kw)
+        return measure_latency_ms(wrap(model) if wrap else model, example_inputs, device, config, **overrides)
 
     return meter
 

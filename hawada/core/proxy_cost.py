@@ -19,18 +19,35 @@ from __future__ import annotations
 
 import itertools
 import math
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
 
 from hawada.core.gates import GateStore
 from hawada.core.profiler import measure_latency_ms
+from hawada.core.schema import check_fields, knob
 
-PROXY_MODES = ("analytic", "lut")
+ProxyMode = Literal["lut", "analytic"]
+PROXY_MODES = typing.get_args(ProxyMode)
 GRID = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 MAX_DIMS = 2
+
+
+@dataclass
+class ProxyConfig:
+    """How the latency proxy is built and calibrated: the recipe's ``proxy`` section."""
+
+    mode: ProxyMode = "lut"
+    calib_points: int = knob(6, lo=2, help="measured sub-architectures the proxy is calibrated on")
+    lut_repeats: int = knob(5, lo=1, help="timed runs per lookup-table op (at least)")
+    lut_budget_s: float = knob(0.3, lo=0.0, lo_open=True, help="time budget per lookup-table op")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "proxy")
 
 
 @dataclass

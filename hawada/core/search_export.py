@@ -1,4 +1,5 @@
-"""Choose the export rounding by measured latency on the target device."""
+"""Choose the export by measured latency on the target device: a grid of roundings, then a
+binary search that reopens (fill) or closes (trim) gates in logit order."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import nn
 from hawada.core.export import (
     ExportPolicy,
     Rounding,
+    RoundMode,
     keep_counts,
     keep_indices,
     kept_gate_mass,
@@ -20,6 +22,25 @@ from hawada.core.export import (
 )
 from hawada.core.export import export as export_model
 from hawada.core.profiler import LatencyResult, Meter, measure_pooled
+from hawada.core.schema import check_fields, knob
+
+
+@dataclass
+class SearchConfig:
+    """The recipe's ``search`` section: which roundings to measure, and the fill/trim probes."""
+
+    multiples: list[int] = knob(factory=lambda: [1, 4, 8, 16], lo=1)
+    modes: list[RoundMode] = knob(factory=lambda: ["floor", "nearest", "ceil"])
+    kinds: list[str] | None = knob(None, help="segment kinds the rounding applies to; null: every kind")
+    fill_probes: int = knob(
+        0,
+        lo=0,
+        help="measured exports after the grid: reopen closed gates while within target, or close "
+        "open ones until within it; 0: off",
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self, "search")
 
 
 @dataclass
@@ -62,39 +83,72 @@ def grid_search_latency(
     gated: nn.Module,
     target_ms: float,
     meter: Meter,
-    multiples: Sequence[int] = (1, 4, 8, 16, 32),
-    modes: Sequence[str] = ("floor", "nearest", "ceil"),
+    multiples: Sequence[int] | None = None,
+    modes: Sequence[str] | None = None,
     kinds: Sequence[str] | None = None,
-    fill_probes: int = 0,
     reference: nn.Module | None = None,
     ratio: float | None = None,
 ) -> SearchResult:
-    """Export and measure EVERY (multiple, mode) combination; pick the best.
+    """Export and measure EVERY (multiple, mode) rounding; pick the best.
+
+    ``multiples`` / ``modes`` default to :class:`SearchConfig`'s.
 
     Best = among trials within target, the one that keeps the most gate probability mass (ties:
     the faster); when none is within target, the fastest. ``meter(model)`` measures one exported
     model on the target (see ``latency_meter``). Within target: median <= ``target_ms``, or, with
     ``reference`` and ``ratio``, median <= ``ratio`` x the reference measured just before it
     (:class:`Judge`). ``kinds``: the segment kinds the rounding applies to (default: all).
-    ``fill_probes`` > 0: when the best trial is within target, reopen closed gates while the export
-    stays within it (:func:`fill_to_target`, mode ``fill``); when none is, close the open gates
-    with the lowest logits until one is (:func:`trim_to_target`, mode ``trim``); at most that
-    many measured exports either way.
     """
+    d = SearchConfig()
     judge = Judge(target_ms, meter, reference, ratio)
+    return _result(_grid_trials(gated, judge, multiples or d.multiples, modes or d.modes, kinds))
+
+
+def search_export(
+    gated: nn.Module,
+    target_ms: float,
+    meter: Meter,
+    config: SearchConfig | None = None,
+    reference: nn.Module | None = None,
+    ratio: float | None = None,
+) -> SearchResult:
+    """The grid of :func:`grid_search_latency` over ``config``'s roundings, then the fill/trim probes.
+
+    ``config.fill_probes`` > 0: when the best grid trial is within target, reopen closed gates
+    while the export stays within it (:func:`fill_to_target`, mode ``fill``); when none is, close
+    the open gates with the lowest logits until one is (:func:`trim_to_target`, mode ``trim``);
+    at most that many measured exports either way. The best of all trials is chosen as in the grid.
+    """
+    cfg = config or SearchConfig()
+    judge = Judge(target_ms, meter, reference, ratio)
+    trials = _grid_trials(gated, judge, cfg.multiples, cfg.modes, cfg.kinds)
+    if cfg.fill_probes > 0:
+        best, met = choose_trial(trials)
+        step = fill_to_target if met else trim_to_target
+        trials += step(gated, best["_policy"], judge, cfg.fill_probes)
+    return _result(trials)
+
+
+def _grid_trials(
+    gated: nn.Module,
+    judge: Judge,
+    multiples: Sequence[int],
+    modes: Sequence[str],
+    kinds: Sequence[str] | None,
+) -> list[dict]:
     store = store_of(gated)
-    trials: list[dict] = []
+    kinds = kinds or sorted({s.kind for s in store.segments})
+    trials = []
     for multiple, mode in itertools.product(multiples, modes):
         r = Rounding(int(multiple), mode)
-        policy = ExportPolicy(
-            rounding=None, per_kind={k: r for k in (kinds or {s.kind for s in store.segments})}
-        )
+        policy = ExportPolicy(rounding=None, per_kind={k: r for k in kinds})
         trials.append(_trial(gated, policy, judge, {"multiple": int(multiple), "mode": mode}))
+    return trials
+
+
+def _result(trials: list[dict]) -> SearchResult:
+    """The chosen trial's policy, and every trial without its policy object."""
     best, met = choose_trial(trials)
-    if fill_probes > 0:
-        step = fill_to_target if met else trim_to_target
-        trials += step(gated, best["_policy"], judge, fill_probes)
-        best, met = choose_trial(trials)
     clean = [{k: v for k, v in t.items() if k != "_policy"} for t in trials]
     return SearchResult(best["_policy"], {k: v for k, v in best.items() if k != "_policy"}, clean, met)
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import time
+import typing
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -36,7 +37,6 @@ from hawada.core.distributed import (
     full_state_dict,
     is_sharded,
     load_full_state_dict,
-    local_grads_finite,
     mean_over_ranks,
     on_main,
     reshard_optimizer_state,
@@ -44,46 +44,57 @@ from hawada.core.distributed import (
 )
 from hawada.core.export import ExportPolicy, adapter_of, export, store_of
 from hawada.core.gates import PenaltyWeights, combined_penalty, project_gates_into_constraints
+from hawada.core.loop import NonFiniteError, Progress, StepGuard, to_device
 from hawada.core.profiler import Meter
 from hawada.core.proxy_cost import LatencyProxy
+from hawada.core.schema import check_fields, knob
 
-AMP_MODES = ("off", "bf16", "fp16")
+__all__ = [
+    "AMP_MODES",
+    "LagrangeTrainer",
+    "NonFiniteError",
+    "StopRequested",
+    "TrainConfig",
+    "make_latency_probe",
+]
+
+AmpMode = Literal["off", "bf16", "fp16"]
+AMP_MODES = typing.get_args(AmpMode)
 
 
 @dataclass
 class TrainConfig:
-    """Gate-training settings (all from the recipe's ``train`` section)."""
+    """Gate-training settings: the recipe's ``train`` section.
 
-    steps: int = 200
-    lr_weights: float = 1e-4
-    lr_gates: float = 0.05
-    weight_decay: float = 0.0
-    lambda_lr: float = 0.5
-    lambda_max: float = 100.0
-    target_ramp_steps: int = 0
-    probe_every: int = 50
+    ``seed``, ``progress``, ``penalties`` and ``kd`` are filled by the run from the recipe's
+    top-level ``seed``/``progress`` and its ``penalties``/``kd`` sections (``kd.for_gates()``).
+    """
+
+    steps: int = knob(200, lo=1)
+    lr_weights: float = knob(1e-4, lo=0.0)
+    lr_gates: float = knob(0.05, lo=0.0, lo_open=True)
+    weight_decay: float = knob(0.0, lo=0.0)
+    lambda_lr: float = knob(0.5, lo=0.0, lo_open=True)
+    lambda_max: float = knob(100.0, lo=0.0, lo_open=True)
+    target_ramp_steps: int = knob(0, lo=0)
+    probe_every: int = knob(50, lo=0)
     alternating: bool = False
-    amp: str = "off"
-    grad_clip: float = 1.0
-    anneal: bool = True
-    progress: bool = True
-    checkpoint_every: int = 0
-    max_bad_steps: int = 5
-    seed: int = 0
-    penalties: PenaltyWeights = field(default_factory=PenaltyWeights)
-    kd: KDConfig = field(default_factory=KDConfig)
+    amp: AmpMode = "off"
+    grad_clip: float = knob(1.0, lo=0.0)
+    anneal: bool = knob(True, help="anneal the gate temperature from gates.tau to gates.tau_final")
+    checkpoint_every: int = knob(
+        100, lo=0, help="write a resumable checkpoint every N gate steps; 0: only at a stop"
+    )
+    max_bad_steps: int = knob(
+        5, lo=1, help="stop (with a checkpoint) after this many non-finite steps in a row"
+    )
+    progress: bool = knob(True, from_run="progress")
+    seed: int = knob(0, from_run="seed")
+    penalties: PenaltyWeights = knob(factory=PenaltyWeights, from_run="penalties")
+    kd: KDConfig = knob(factory=KDConfig, from_run="kd")
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"train.steps must be >= 1, got {self.steps}")
-        if self.amp not in AMP_MODES:
-            raise ValueError(f"train.amp must be one of {AMP_MODES}, got {self.amp!r}")
-        if self.max_bad_steps < 1:
-            raise ValueError(f"train.max_bad_steps must be >= 1, got {self.max_bad_steps}")
-
-
-class NonFiniteError(ValueError):
-    """Too many non-finite steps in a row (a checkpoint was written first)."""
+        check_fields(self, "train")
 
 
 class StopRequested(Exception):
@@ -128,27 +139,6 @@ def reseed_loader(loader: Iterable, seed: int, epoch: int) -> None:
         gen.manual_seed(data_seed(seed, epoch))
     if loader.generator is not None and loader.generator is not gen:
         loader.generator.manual_seed(data_seed(seed, epoch) + 1)
-
-
-def cycle(loader: Iterable) -> Iterator:
-    """Endless iteration over ``loader`` (re-iterated each epoch)."""
-    while True:
-        n = 0
-        for batch in loader:
-            n += 1
-            yield batch
-        if n == 0:
-            raise ValueError("the data loader yielded no batch")
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, list | tuple):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
 
 
 def make_latency_probe(
@@ -230,7 +220,8 @@ class LagrangeTrainer:
         )
         self.opt_g = torch.optim.Adam([self.store.logits], lr=self.cfg.lr_gates)
         # the student's forward as one module (DDP-wrapped when data-parallel)
-        hidden = self.cfg.kd.alpha_hidden > 0
+        self.kd = self.cfg.kd.for_gates()  # kd.alpha_hidden_gates applies while the gates train
+        hidden = self.kd.alpha_hidden > 0
 
         def outputs(m: nn.Module, b: Any) -> tuple:
             return kd_outputs_of(self.adapter, m, b, hidden)
@@ -248,7 +239,7 @@ class LagrangeTrainer:
         self.last_real_ms: float | None = None
         # data position: batches of epoch ``epoch`` already consumed
         self.epoch, self.batch_pos = 0, 0
-        self.bad_total, self.bad_in_row = 0, 0
+        self.guard = StepGuard(student, [self.opt_w, self.opt_g], "train", self.cfg.max_bad_steps, env)
         self._pending_rng: tuple[dict, dict] | None = None
         kinds: dict[str, list[int]] = {}
         for i, seg in enumerate(self.store.segments):
@@ -279,7 +270,7 @@ class LagrangeTrainer:
             self.student,
             self.teacher,
             batch,
-            self.cfg.kd,
+            self.kd,
             self._autocast,
             student_forward=self.student_fwd,
             teacher_grad_off=torch.no_grad if self.sharded else torch.inference_mode,
@@ -295,29 +286,16 @@ class LagrangeTrainer:
         lat = self.lam * torch.relu(proxy_ms - target) / target
         return pen, lat, proxy_ms
 
+    @property
+    def bad_total(self) -> int:
+        """Steps skipped so far for a non-finite loss or gradient."""
+        return self.guard.total
+
     def _backward(self, loss: torch.Tensor) -> bool:
-        """Backward of a finite ``loss``; False (and no gradients kept) when the loss or a
-        gradient is not finite. With fp16 loss scaling the scaler's own inf check handles
-        overflowing gradients, so only the loss is checked then."""
-        finite = bool(torch.isfinite(loss.detach()).all())
-        if self.env.enabled:
-            # one decision for all ranks; a skipped step still runs DDP's backward (the
-            # gradients are discarded) so that its pending all-reduce completes everywhere
-            if any_rank(not finite, self.env):
-                (loss * 0.0).backward()
-                return False
-        elif not finite:
-            return False
-        self.scaler.scale(loss).backward()
-        if self.sharded:
-            sync_replicated_grads([*self.weights, self.store.logits], self.env)
-        if self.scaler.is_enabled():
-            return True
-        if self.env.enabled:  # sharded gradients differ per rank: decide together
-            return local_grads_finite([*self.weights, self.store.logits], self.env)
-        grads = [p.grad for p in [*self.weights, self.store.logits] if p.grad is not None]
-        # one reduction per tensor: a sum is finite iff every element is (barring fp overflow)
-        return not grads or bool(torch.isfinite(torch.stack([g.sum() for g in grads])).all())
+        """Backward of ``loss``; False (gradients discarded) when it or a gradient is not finite."""
+        params = [*self.weights, self.store.logits]
+        sync = (lambda: sync_replicated_grads(params, self.env)) if self.sharded else None
+        return self.guard.backward(loss, params, self.scaler, after_backward=sync)
 
     def _step_opt(self, opt: torch.optim.Optimizer | None, params: list) -> None:
         if opt is None:
@@ -338,50 +316,35 @@ class LagrangeTrainer:
         target = self.target_at(self.step_idx)
         if cfg.anneal:
             self.store.anneal(self.step_idx, cfg.steps)
-        for o in (self.opt_w, self.opt_g):
-            if o is not None:
-                o.zero_grad(set_to_none=True)
-        # a bad batch must not poison running statistics (BatchNorm) either: restored on a skip
-        buffers = [(b, b.detach().clone()) for b in self.student.buffers()]
-        if not cfg.alternating:
-            kd = self._kd(batch)
-            pen, lat, proxy_ms = self._gate_terms(target)
-            ok = self._backward(kd + pen + lat)
-            if ok:
-                self._step_opt(self.opt_w, self.weights)
-                self._step_opt(self.opt_g, [self.store.logits])
-        else:
-            kd_w = self._kd(batch)
-            ok = self._backward(kd_w)
-            self.store.logits.grad = None
-            if ok:
+        terms: dict[str, torch.Tensor] = {}
+
+        def body() -> bool:
+            if cfg.alternating:  # weights from KD alone, then gates from the full objective
+                kd_w = self._kd(batch)
+                ok = self._backward(kd_w)
+                self.store.logits.grad = None
+                if not ok:
+                    terms.update(zip(("kd", "pen", "lat", "proxy_ms"), (kd_w, *self._gate_terms(target))))
+                    return False
                 self._step_opt(self.opt_w, self.weights)
                 if self.opt_w is not None:
                     self.opt_w.zero_grad(set_to_none=True)
-                kd = self._kd(batch)
-                pen, lat, proxy_ms = self._gate_terms(target)
-                ok = self._backward(kd + pen + lat)
-                if ok:
-                    self._step_opt(self.opt_g, [self.store.logits])
-            else:
-                kd = kd_w
-                pen, lat, proxy_ms = self._gate_terms(target)
+            terms.update(zip(("kd", "pen", "lat", "proxy_ms"), (self._kd(batch), *self._gate_terms(target))))
+            if not self._backward(terms["kd"] + terms["pen"] + terms["lat"]):
+                return False
+            if not cfg.alternating:
+                self._step_opt(self.opt_w, self.weights)
+            self._step_opt(self.opt_g, [self.store.logits])
+            return True
+
+        ok = self.guard.run(body)
+        kd, pen, proxy_ms = terms["kd"], terms["pen"], terms["proxy_ms"]
         if ok:
             self.scaler.update()
             project_gates_into_constraints(self.store)
             with torch.no_grad():
                 viol = (proxy_ms.detach() - target) / target
                 self.lam.add_(cfg.lambda_lr * viol).clamp_(0.0, cfg.lambda_max)
-            self.bad_in_row = 0
-        else:  # non-finite loss or gradient: no update at all, lambda unchanged; counted
-            for o in (self.opt_w, self.opt_g):
-                if o is not None:
-                    o.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for b, saved in buffers:
-                    b.copy_(saved)
-            self.bad_total += 1
-            self.bad_in_row += 1
         self.step_idx += 1
         self.check_replicas()
         opened = self.store.open_units()  # [S]
@@ -458,8 +421,8 @@ class LagrangeTrainer:
             step=self.step_idx,
             epoch=self.epoch,
             batch_pos=self.batch_pos,
-            bad_total=self.bad_total,
-            bad_in_row=self.bad_in_row,
+            bad_total=self.guard.total,
+            bad_in_row=self.guard.in_row,
             start_ms=self.start_ms,
             last_real_ms=self.last_real_ms,
             scaler=self.scaler.state_dict(),
@@ -501,7 +464,7 @@ class LagrangeTrainer:
             self.scaler.load_state_dict(js["scaler"])
         self.calibration[:] = [(tensors[f"calib.{i}"], ms) for i, ms in enumerate(js["calib_ms"])]
         self.step_idx, self.epoch, self.batch_pos = js["step"], js["epoch"], js["batch_pos"]
-        self.bad_total, self.bad_in_row = js["bad_total"], js["bad_in_row"]
+        self.guard.total, self.guard.in_row = js["bad_total"], js["bad_in_row"]
         self.start_ms, self.last_real_ms = js["start_ms"], js["last_real_ms"]
         self.history = list(js["history"])
         self._pending_rng = ({k: v for k, v in tensors.items() if k.startswith("rng.")}, js["rng"])
@@ -533,11 +496,7 @@ class LagrangeTrainer:
         from hawada.core.checkpoint import set_rng_state
 
         cfg = self.cfg
-        bar = None
-        if cfg.progress and self.env.is_main:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=cfg.steps, initial=self.step_idx, desc="gates", dynamic_ncols=True)
+        bar = Progress(cfg.progress, cfg.steps, "gates", self.step_idx, self.env)
         t0 = time.perf_counter()
         it: Iterator | None = None
         last_ckpt = -1
@@ -559,22 +518,14 @@ class LagrangeTrainer:
                 rec = self.step(to_device(batch, self.device))
                 if on_step is not None:
                     on_step(rec)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(
-                        kd=f"{rec['kd']:.4f}",
-                        lam=f"{rec['lambda']:.2f}",
-                        proxy=f"{rec['proxy_ms']:.1f}ms",
-                        real="-" if self.last_real_ms is None else f"{self.last_real_ms:.1f}ms",
-                        kept=f"{rec['kept']:.2f}",
-                    )
-                if self.bad_in_row >= cfg.max_bad_steps:
-                    path = checkpoint(self) if checkpoint is not None else None
-                    where = f"; checkpoint: {path}" if path else ""
-                    raise NonFiniteError(
-                        f"train: {self.bad_in_row} non-finite steps in a row (loss or gradient), "
-                        f"the last at step {rec['step']}{where}"
-                    )
+                bar.update(
+                    kd=f"{rec['kd']:.4f}",
+                    lam=f"{rec['lambda']:.2f}",
+                    proxy=f"{rec['proxy_ms']:.1f}ms",
+                    real="-" if self.last_real_ms is None else f"{self.last_real_ms:.1f}ms",
+                    kept=f"{rec['kept']:.2f}",
+                )
+                self.guard.check(rec["step"], (lambda: checkpoint(self)) if checkpoint is not None else None)
                 stop = should_stop is not None and any_rank(should_stop(), self.env)
                 every = cfg.checkpoint_every > 0 and self.step_idx % cfg.checkpoint_every == 0
                 path = None
@@ -585,7 +536,6 @@ class LagrangeTrainer:
             if checkpoint is not None and last_ckpt != self.step_idx:
                 checkpoint(self)
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
         self.seconds = time.perf_counter() - t0
         return self.history

@@ -1,8 +1,101 @@
-"""Turning a run's report into a terminal table and a PNG."""
+"""Report phase: both latencies measured in this run, interleaved; agreement on the test split;
+then report.json, report.png, the slim model and the metrics, and the folder is published."""
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from typing import Any
+
+from torch import nn
+
+from hawada.core.export import param_count
+from hawada.core.profiler import environment_info, measure_pooled
+from hawada.run.context import RunContext
+from hawada.run.folder import clear_outputs, publish
+from hawada.run.gates_phase import GatePhase
+from hawada.run.search_phase import SearchPhase
+from hawada.run.setup import Setup
+
+
+def build_report(
+    ctx: RunContext,
+    setup: Setup,
+    gates: GatePhase,
+    chosen: SearchPhase,
+    slim: nn.Module,
+    finetune_history: list[dict],
+    t_start: float,
+) -> dict:
+    """Measure keep-all and ``slim`` interleaved, score ``slim`` on the test split, and describe the
+    run (the keys of report.json)."""
+    recipe, teacher, adapter, trainer = ctx.recipe, ctx.teacher, ctx.adapter, gates.trainer
+    t_base, t_slim = measure_pooled([teacher, slim], ctx.meter)
+    metrics = ctx.job.evaluate(teacher, slim, "test")
+    proxy = trainer.proxy
+    return {
+        "name": recipe.name,
+        "family": adapter.family,
+        "device": ctx.dev,
+        "latency": {
+            "base": t_base.to_dict(),
+            "slim": t_slim.to_dict(),
+            "speedup": t_base.median_ms / t_slim.median_ms,
+            "target_ms": chosen.target_ms,  # what the chosen export was held to
+            "train_target_ms": setup.target_ms,  # what gate training aimed its proxy at
+            "setup_base_ms": setup.base_ms,
+            "search_base_ms": chosen.base_ms,
+            "min_allowed_ms": setup.min_ms,
+        },
+        "params": {
+            "base": param_count(teacher),
+            "slim": param_count(slim),
+            "ratio": param_count(slim) / param_count(teacher),
+        },
+        "agreement": metrics,
+        "layout": {"base": adapter.layout(teacher), "slim": adapter.layout(slim)},
+        "search": {
+            "chosen": chosen.search.best,
+            "met_target": chosen.search.met_target,
+            "trials": chosen.search.trials,
+        },
+        "proxy": {
+            "mode": proxy.mode,
+            "coef": proxy.coef.tolist(),
+            "calibration": proxy.calibration,
+            "initial_fit_mape": setup.initial_fit_mape,
+        },
+        "train": {
+            "steps": trainer.cfg.steps,
+            "seconds": getattr(trainer, "seconds", None),
+            "skipped_steps": trainer.bad_total,  # non-finite loss or gradient: no update
+            "finetune_skipped_steps": sum(1 for r in finetune_history if r.get("skipped")),
+        },
+        "distributed": {**ctx.env.to_dict(), "replica_checks": trainer.replica_checks},
+        "job": ctx.job.info,
+        "versions": environment_info(),
+        "recipe": recipe.to_dict(),
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+
+
+def write_outputs(
+    ctx: RunContext, report: dict, gates: GatePhase, slim: nn.Module, finetune_history: list[dict]
+) -> str:
+    """Write the metrics, the slim model, report.png and report.json, then publish the folder
+    under ``output.dir`` (returned)."""
+    paths = ctx.paths
+    for rec in finetune_history:
+        gates.metrics.write("finetune", rec)
+    gates.metrics.close()
+    clear_outputs(paths, ("slim", "report.png", "report.json"))
+    ctx.job.save(slim, os.path.join(paths.partial, "slim"))
+    if ctx.recipe.output.plot:
+        plot_run(report, gates.history, os.path.join(paths.partial, "report.png"))
+    with open(os.path.join(paths.partial, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    return publish(paths, ctx.recipe.output.keep_state)
 
 
 def _fmt_lat(d: dict) -> str:
@@ -10,7 +103,7 @@ def _fmt_lat(d: dict) -> str:
 
 
 def format_report(report: dict) -> str:
-    """A plain-text summary table of :func:`hawada.pipeline.optimize`'s report."""
+    """A plain-text summary table of :func:`hawada.run.optimize`'s report."""
     lat, par = report["latency"], report["params"]
     base = lat["base"]
     rows = [

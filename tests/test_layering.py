@@ -1,4 +1,5 @@
-"""The import graph of the ``hawada`` package: no module imports itself back through others.
+"""The import graph of the ``hawada`` package: no circle, and dependencies point downward only
+(docs/DESIGN.md, "Layout").
 
 The graph is read from the source with :mod:`ast` (nothing is imported), so it also covers
 modules whose optional libraries are not installed. An edge ``a -> b`` is any ``import`` or
@@ -18,10 +19,22 @@ import hawada
 
 ROOT = os.path.dirname(os.path.abspath(hawada.__file__))
 
-# Circles allowed for now, each the module set of one strongly connected component. Only a
-# circle through hawada.pipeline may be listed (that module is being replaced, and its
-# replacement must leave none); every other circle fails the test. None is left today.
-TOLERATED: list[frozenset[str]] = []
+# What each layer must never import (a prefix matches the package and its modules).
+FORBIDDEN = {
+    "hawada.core": (
+        "hawada.adapters",
+        "hawada.jobs",
+        "hawada.data",
+        "hawada.run",
+        "hawada.config",
+        "hawada.cli",
+    ),
+    "hawada.ops": ("hawada.core", "hawada.adapters", "hawada.jobs", "hawada.run"),
+    "hawada.kernels": ("hawada.core", "hawada.ops", "hawada.adapters", "hawada.jobs", "hawada.run"),
+    "hawada.adapters": ("hawada.jobs", "hawada.run", "hawada.cli"),
+    "hawada.jobs": ("hawada.run", "hawada.cli"),
+    "hawada.data": ("hawada.jobs", "hawada.run", "hawada.cli", "hawada.adapters"),
+}
 
 
 def _modules() -> dict[str, str]:
@@ -110,11 +123,13 @@ def cycles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
 
 def test_graph_sees_the_package() -> None:
     g = import_graph()
-    assert {"hawada", "hawada.pipeline", "hawada.jobs", "hawada.jobs.base", "hawada.data.vision"} <= set(g)
-    # function-local imports count: the CLI imports the pipeline inside its commands
-    assert "hawada.pipeline" in g["hawada.cli"]
+    assert {"hawada", "hawada.run.optimize", "hawada.jobs", "hawada.jobs.base", "hawada.data.vision"} <= set(
+        g
+    )
+    # function-local imports count: the CLI imports the run inside its commands
+    assert "hawada.run" in g["hawada.cli"]
     # ``from hawada import _ext`` names the module, not the package
-    assert "hawada._ext" in g["hawada.core.slicing"] and "hawada" not in g["hawada.core.slicing"]
+    assert "hawada._ext" in g["hawada.ops.slicing"] and "hawada" not in g["hawada.ops.slicing"]
 
 
 def test_cycles_finds_a_planted_circle() -> None:
@@ -124,12 +139,34 @@ def test_cycles_finds_a_planted_circle() -> None:
 
 
 def test_package_import_graph_has_no_cycle() -> None:
-    found = cycles(import_graph())
-    unexpected = [sorted(c) for c in found if c not in TOLERATED]
-    assert not unexpected, f"import circles: {unexpected}"
+    found = [sorted(c) for c in cycles(import_graph())]
+    assert not found, f"import circles: {found}"
 
 
-def test_jobs_and_data_do_not_import_the_pipeline() -> None:
-    g = import_graph()
-    bad = sorted(m for m in g if m.startswith(("hawada.jobs", "hawada.data")) and "hawada.pipeline" in g[m])
-    assert not bad, f"import hawada.pipeline: {bad}"
+def _within(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def violations(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """``(module, import)`` pairs that point up the layering."""
+    return sorted(
+        (m, t)
+        for m, targets in graph.items()
+        for layer, banned in FORBIDDEN.items()
+        if _within(m, layer)
+        for t in targets
+        if any(_within(t, b) for b in banned)
+    )
+
+
+def test_dependencies_point_downward() -> None:
+    bad = violations(import_graph())
+    assert not bad, f"imports against the layering: {bad}"
+
+
+def test_the_layering_check_sees_a_planted_violation() -> None:
+    g = {
+        "hawada.core.gates": {"hawada.ops.gates", "hawada.adapters.base"},
+        "hawada.adapters.base": {"hawada.core"},
+    }
+    assert violations(g) == [("hawada.core.gates", "hawada.adapters.base")]

@@ -67,7 +67,7 @@ def profile_recipe(
 ) -> dict:
     """Keep-all latency of the recipe's model at its target batch; with ``fidelity``, the proxy's error."""
     from hawada.jobs import build_job
-    from hawada.pipeline import gate_config, make_meter
+    from hawada.run.context import make_meter
 
     r = copy.deepcopy(recipe)
     r.teacher.epochs = 0  # latency does not depend on the weights' values
@@ -81,7 +81,7 @@ def profile_recipe(
     res["summary"] = {"keep_all_ms": round(base.median_ms, 3), "spread_ms": round(base.spread_ms, 3)}
     if fidelity:
         log(f"fidelity: {r.proxy.calib_points} calibration + {points} held-out sub-architectures")
-        gated = job.adapter.attach(copy.deepcopy(job.teacher), gate_config(r))
+        gated = job.adapter.attach(copy.deepcopy(job.teacher), r.gates)
         fid = proxy_fidelity(
             gated,
             job.adapter,

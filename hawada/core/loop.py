@@ -1,0 +1,157 @@
+"""What gate training and fine-tuning share: batches on the device, a guarded step, progress.
+
+A step can meet a non-finite loss or gradient (a bad batch, an fp16 overflow). :class:`StepGuard`
+makes such a step change nothing (no optimizer update, BatchNorm statistics restored), decides it
+the same way on every rank, counts it, and after ``max_bad_steps`` in a row raises
+:class:`NonFiniteError` naming the step (docs/DESIGN.md, "Failure").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from hawada.core.distributed import SINGLE, DistEnv, any_rank, local_grads_finite
+
+
+class NonFiniteError(ValueError):
+    """Too many non-finite steps in a row (loss or gradient)."""
+
+
+def to_device(batch: Any, device: torch.device | str, non_blocking: bool = True) -> Any:
+    """``batch`` (tensor, mapping, list or tuple of them, nested) with every tensor on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device, non_blocking) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(to_device(v, device, non_blocking) for v in batch)
+    return batch
+
+
+def cycle(loader: Iterable) -> Iterator:
+    """Endless iteration over ``loader`` (re-iterated each epoch)."""
+    while True:
+        n = 0
+        for batch in loader:
+            n += 1
+            yield batch
+        if n == 0:
+            raise ValueError("the data loader yielded no batch")
+
+
+def grads_finite(params: Sequence[torch.Tensor], env: DistEnv = SINGLE) -> bool:
+    """True when every gradient of ``params`` is finite on every rank."""
+    if env.enabled:  # sharded gradients differ per rank: decide together
+        return local_grads_finite(params, env)
+    grads = [p.grad for p in params if p.grad is not None]
+    # one reduction per tensor: a sum is finite iff every element is (barring fp overflow)
+    return not grads or bool(torch.isfinite(torch.stack([g.sum() for g in grads])).all())
+
+
+class StepGuard:
+    """One phase's guard against non-finite steps.
+
+    ``run(body, *args)`` zeroes the optimizers' gradients, snapshots the model's buffers, runs ``body()``
+    (``body(*args)`` returns False for a step to discard), and on a discarded step zeroes the gradients again
+    and restores the buffers. ``total`` and ``in_row`` count discarded steps; :meth:`check` raises
+    :class:`NonFiniteError` once ``in_row`` reaches ``max_bad_steps`` (after ``on_stop()``, e.g. a
+    checkpoint, whose path the message names).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizers: Sequence[torch.optim.Optimizer | None],
+        phase: str,
+        max_bad_steps: int,
+        env: DistEnv = SINGLE,
+    ) -> None:
+        self.model, self.phase, self.max_bad_steps, self.env = model, phase, max_bad_steps, env
+        self.optimizers = [o for o in optimizers if o is not None]
+        self.total, self.in_row = 0, 0
+
+    def zero_grad(self) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=True)
+
+    def backward(
+        self,
+        loss: torch.Tensor,
+        params: Sequence[torch.Tensor],
+        scaler: Any = None,
+        after_backward: Callable[[], None] | None = None,
+    ) -> bool:
+        """Backward of ``loss`` when it is finite on every rank; True when the gradients are usable.
+
+        ``after_backward()`` runs before the check (e.g. all-reducing replicated gradients of a
+        sharded model). With fp16 loss scaling (an enabled ``scaler``) the scaler's own inf check
+        handles overflowing gradients, so only the loss is checked then.
+        """
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if self.env.enabled:
+            # one decision for all ranks; a skipped step still runs DDP's backward (the gradients
+            # are discarded) so that its pending all-reduce completes everywhere
+            if any_rank(not finite, self.env):
+                (loss * 0.0).backward()
+                return False
+        elif not finite:
+            return False
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if after_backward is not None:
+            after_backward()
+        if scaler is not None and scaler.is_enabled():
+            return True
+        return grads_finite(params, self.env)
+
+    def run(self, body: Callable[..., bool], *args: Any) -> bool:
+        """One guarded step, ``body(*args)``; returns whether it was applied."""
+        self.zero_grad()
+        # a bad batch must not poison running statistics (BatchNorm) either: restored on a skip
+        saved = [(b, b.detach().clone()) for b in self.model.buffers()]
+        ok = body(*args)
+        if ok:
+            self.in_row = 0
+            return True
+        self.zero_grad()
+        with torch.no_grad():
+            for b, s in saved:
+                b.copy_(s)
+        self.total += 1
+        self.in_row += 1
+        return False
+
+    def check(self, step: int, on_stop: Callable[[], str | None] | None = None) -> None:
+        """Raise :class:`NonFiniteError` when ``max_bad_steps`` steps in a row were discarded."""
+        if self.in_row < self.max_bad_steps:
+            return
+        path = on_stop() if on_stop is not None else None
+        where = f"; checkpoint: {path}" if path else ""
+        raise NonFiniteError(
+            f"{self.phase}: {self.in_row} non-finite steps in a row (loss or gradient), "
+            f"the last at step {step}{where}"
+        )
+
+
+class Progress:
+    """A progress bar (tqdm) on rank 0 when enabled; every method is a no-op otherwise."""
+
+    def __init__(self, enabled: bool, total: int, desc: str, initial: int = 0, env: DistEnv = SINGLE) -> None:
+        self.bar = None
+        if enabled and env.is_main:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+
+    def update(self, **postfix: str) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if postfix:
+                self.bar.set_postfix(**postfix)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,53 @@
+"""Search phase: choose the export by measured latency, and export the slim model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from hawada.core.distributed import on_main
+from hawada.core.export import export
+from hawada.core.search_export import SearchResult, search_export
+from hawada.run.context import RunContext
+from hawada.run.setup import Setup
+
+
+@dataclass
+class SearchPhase:
+    """The chosen export. ``target_ms`` is what it was held to; ``base_ms`` the keep-all timed next
+    to it (None for an absolute target)."""
+
+    search: SearchResult
+    slim: nn.Module
+    target_ms: float
+    base_ms: float | None
+
+
+def search_and_export(ctx: RunContext, student: nn.Module, setup: Setup) -> SearchPhase:
+    """Measure the candidate exports of the trained gated ``student`` (rank 0 times; every rank gets
+    the result) and export the chosen one (``export.uniform``: every layer the same widths)."""
+    recipe = ctx.recipe
+    # a fraction of keep-all: each export is timed right after keep-all and held to the ratio of
+    # that measurement, so load that comes and goes on the machine moves both sides alike
+    by_ratio = recipe.target.latency_ms is None
+    reference, ratio = (ctx.teacher, recipe.target.ratio) if by_ratio else (None, None)
+    search = on_main(
+        ctx.env,
+        lambda: search_export(
+            student, setup.target_ms, ctx.meter, recipe.search, reference=reference, ratio=ratio
+        ),
+    )
+    best = search.best
+    base_ms = best["reference_ms"] if by_ratio else None
+    target_ms = best["limit_ms"] if by_ratio else setup.target_ms
+    ctx.log(
+        f"search: {len(search.trials)} exports measured; chose multiple={best['multiple']} "
+        f"mode={best['mode']} ({best['median_ms']:.2f} ms, target {target_ms:.2f} ms"
+        + (f" = {ratio:g} x keep-all {base_ms:.2f} ms timed next to it)" if by_ratio else ")")
+    )
+    policy = search.policy
+    if recipe.export.uniform:
+        policy = ctx.adapter.uniform_policy(student, policy)
+    slim = export(student, policy).to(ctx.device)
+    return SearchPhase(search, slim, target_ms, base_ms)
