@@ -31,8 +31,9 @@ from hawada.core.distributed import (  # noqa: E402
     on_main,
     shutdown,
 )
+from hawada.core.loop import reseed_loader  # noqa: E402
 from hawada.core.proxy_cost import LatencyProxy  # noqa: E402
-from hawada.core.train import LagrangeTrainer, TrainConfig, reseed_loader  # noqa: E402
+from hawada.core.train import LagrangeTrainer, TrainConfig  # noqa: E402
 from tests.helpers import tiny_resnet  # noqa: E402
 
 

@@ -1,4 +1,5 @@
-"""What gate training and fine-tuning share: batches on the device, a guarded step, progress.
+"""What gate training and fine-tuning share: batches on the device and in a seeded order, a
+guarded step, progress.
 
 A step can meet a non-finite loss or gradient (a bad batch, an fp16 overflow). :class:`StepGuard`
 makes such a step change nothing (no optimizer update, BatchNorm statistics restored), decides it
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hawada.core.distributed import SINGLE, DistEnv, any_rank, local_grads_finite
+from hawada.core.distributed import SINGLE, DistEnv, ShardedBatches, any_rank, local_grads_finite
 
 
 class NonFiniteError(ValueError):
@@ -41,6 +42,40 @@ def cycle(loader: Iterable) -> Iterator:
             yield batch
         if n == 0:
             raise ValueError("the data loader yielded no batch")
+
+
+def data_seed(seed: int, epoch: int) -> int:
+    """The shuffling seed of one epoch: the data order is a function of (seed, epoch) alone."""
+    return (seed * 1_000_003 + epoch * 7_919 + 1) % (2**63)
+
+
+def reseed_loader(loader: Iterable, seed: int, epoch: int) -> None:
+    """Make a shuffling DataLoader's order for ``epoch`` depend on (seed, epoch) only.
+
+    The sampler's generator is reseeded (created when it has none); samplers with
+    ``set_epoch`` (e.g. DistributedSampler) are told the epoch, and so are other iterables
+    with a ``set_epoch`` method (they derive their order from their own seed and the epoch).
+    A :class:`~hawada.core.distributed.ShardedBatches` passes it on to the loader it wraps.
+    """
+    from torch.utils.data import DataLoader, RandomSampler
+
+    if isinstance(loader, ShardedBatches):
+        loader = loader.loader
+    if not isinstance(loader, DataLoader):
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        return
+    s = loader.sampler
+    if hasattr(s, "set_epoch"):
+        s.set_epoch(epoch)
+        return
+    gen = getattr(s, "generator", None)
+    if gen is None and isinstance(s, RandomSampler):
+        gen = s.generator = torch.Generator()
+    if gen is not None:
+        gen.manual_seed(data_seed(seed, epoch))
+    if loader.generator is not None and loader.generator is not gen:
+        loader.generator.manual_seed(data_seed(seed, epoch) + 1)
 
 
 def grads_finite(params: Sequence[torch.Tensor], env: DistEnv = SINGLE) -> bool:

@@ -44,7 +44,7 @@ from hawada.core.distributed import (
 )
 from hawada.core.export import ExportPolicy, adapter_of, export, store_of
 from hawada.core.gates import PenaltyWeights, combined_penalty, project_gates_into_constraints
-from hawada.core.loop import NonFiniteError, Progress, StepGuard, to_device
+from hawada.core.loop import NonFiniteError, Progress, StepGuard, reseed_loader, to_device
 from hawada.core.profiler import Meter
 from hawada.core.proxy_cost import LatencyProxy
 from hawada.core.schema import check_fields, knob
@@ -103,42 +103,6 @@ class StopRequested(Exception):
     def __init__(self, step: int, path: str | None) -> None:
         super().__init__(f"stopped after step {step}")
         self.step, self.path = step, path
-
-
-def data_seed(seed: int, epoch: int) -> int:
-    """The shuffling seed of one epoch: the data order is a function of (seed, epoch) alone."""
-    return (seed * 1_000_003 + epoch * 7_919 + 1) % (2**63)
-
-
-def reseed_loader(loader: Iterable, seed: int, epoch: int) -> None:
-    """Make a shuffling DataLoader's order for ``epoch`` depend on (seed, epoch) only.
-
-    The sampler's generator is reseeded (created when it has none); samplers with
-    ``set_epoch`` (e.g. DistributedSampler) are told the epoch, and so are other iterables
-    with a ``set_epoch`` method (they derive their order from their own seed and the epoch).
-    A :class:`~hawada.core.distributed.ShardedBatches` passes it on to the loader it wraps.
-    """
-    from torch.utils.data import DataLoader, RandomSampler
-
-    from hawada.core.distributed import ShardedBatches
-
-    if isinstance(loader, ShardedBatches):
-        loader = loader.loader
-    if not isinstance(loader, DataLoader):
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        return
-    s = loader.sampler
-    if hasattr(s, "set_epoch"):
-        s.set_epoch(epoch)
-        return
-    gen = getattr(s, "generator", None)
-    if gen is None and isinstance(s, RandomSampler):
-        gen = s.generator = torch.Generator()
-    if gen is not None:
-        gen.manual_seed(data_seed(seed, epoch))
-    if loader.generator is not None and loader.generator is not gen:
-        loader.generator.manual_seed(data_seed(seed, epoch) + 1)
 
 
 def make_latency_probe(
