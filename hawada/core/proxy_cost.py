@@ -133,6 +133,27 @@ def _build_op(op: str, spec: dict, widths: Sequence[int]) -> tuple[Callable, tup
     raise ValueError(f"no lookup-table builder for op {op!r}")
 
 
+def _time_op(
+    op: str, spec: dict, widths: tuple[int, ...], device: str, repeats: int, budget_s: float
+) -> float:
+    """Median ms of one table op at ``widths`` on ``device``."""
+    mod, inputs = _build_op(op, spec, widths)
+    if isinstance(mod, nn.Module):
+        mod = mod.to(device)
+    return measure_latency_ms(
+        mod,
+        inputs,
+        device=device,
+        warmup=2,
+        min_repeats=repeats,
+        max_repeats=50,
+        budget_s=budget_s,
+        rel_ci=0.03,
+        # hundreds of one-op programs: tracing each for the C++ loop costs more than it saves
+        timer="python",
+    ).median_ms
+
+
 class LatencyProxy(nn.Module):
     """Latency in ms as a differentiable function of the kept widths ``[S]`` of a GateStore.
 
@@ -177,7 +198,11 @@ class LatencyProxy(nn.Module):
         self.register_buffer("n_dims", torch.tensor([len(t.dims) for t in terms]))
         self.register_buffer("flops", torch.tensor([t.flops for t in terms], dtype=torch.float64).float())
         self.register_buffer("bytes_", torch.tensor([t.bytes for t in terms], dtype=torch.float64).float())
-        self.register_buffer("grid", torch.tensor(GRID))  # [G] kept fractions of the table
+        self.register_buffer("grid", torch.tensor(GRID))  # [G] kept fractions the table aims at
+        # [T, 2, G] the kept fraction each table entry was timed at, per term and dim: a grid
+        # fraction g of a dim with n units times round(g * n) units, so the entry is filed at
+        # round(g * n) / n, not at g (a 12-head dim at g = 1/8 times 2 heads, i.e. 1/6)
+        self.register_buffer("grid_r", torch.tensor(GRID).repeat(len(terms), MAX_DIMS, 1))
         self.register_buffer("table", torch.zeros(len(terms), len(GRID), len(GRID)))  # [T, G, G] ms
         # analytic: [a_flops (per GFLOP), b_bytes (per MB), c_ops, intercept]; lut: [scale, 0, 0, intercept]
         self.register_buffer("coef", torch.tensor([1.0, 0.0, 0.0, 0.0]))
@@ -206,13 +231,17 @@ class LatencyProxy(nn.Module):
         )
 
     def term_ms(self, widths: torch.Tensor) -> torch.Tensor:
-        """``[S] -> [T]``: table-interpolated latency of each term (lut mode)."""
+        """``[S] -> [T]``: table-interpolated latency of each term (lut mode), piecewise linear
+        between the widths that were timed (``grid_r``)."""
         r = self.fractions(widths).clamp(0.0, 1.0)  # [T, 2]
         G = self.grid.numel()
-        hi = torch.searchsorted(self.grid, r.detach().contiguous()).clamp(1, G - 1)
+        grid = self.grid_r  # [T, 2, G], non-decreasing along G
+        hi = torch.searchsorted(grid, r.detach().unsqueeze(-1).contiguous()).squeeze(-1).clamp(1, G - 1)
         lo = hi - 1
-        g_lo, g_hi = self.grid[lo], self.grid[hi]
-        t = (r - g_lo) / (g_hi - g_lo)  # [T, 2]
+        g_lo = grid.gather(-1, lo.unsqueeze(-1)).squeeze(-1)
+        g_hi = grid.gather(-1, hi.unsqueeze(-1)).squeeze(-1)
+        # a small dim times the same width at neighbouring grid points (equal entries): any t works
+        t = ((r - g_lo) / (g_hi - g_lo).clamp_min(1e-12)).clamp(0.0, 1.0)  # [T, 2]
         rows = torch.arange(r.shape[0], device=r.device)
         out = 0.0
         for a, b in itertools.product((0, 1), (0, 1)):
@@ -257,10 +286,12 @@ class LatencyProxy(nn.Module):
         repeats: int = 5,
         budget_s: float = 0.3,
         progress: Callable[[int, int], None] | None = None,
+        time_op: Callable[[str, dict, tuple[int, ...]], float] | None = None,
     ) -> int:
         """Measure every term's op at the grid of widths on ``device``; returns ops timed.
 
-        Identical (op, spec, widths) are timed once. A zero width costs zero.
+        Identical (op, spec, widths) are timed once. A zero width costs zero. ``time_op(op, spec,
+        widths) -> ms`` replaces the measurement (default: build the op and time it on ``device``).
         """
         cache: dict[tuple, float] = {}
         jobs = []
@@ -281,27 +312,19 @@ class LatencyProxy(nn.Module):
         done = 0
         for key in sorted(todo, key=str):
             op, spec, w = key
-            mod, inputs = _build_op(op, dict(spec), w)
-            if isinstance(mod, nn.Module):
-                mod = mod.to(device)
-            res = measure_latency_ms(
-                mod,
-                inputs,
-                device=device,
-                warmup=2,
-                min_repeats=repeats,
-                max_repeats=50,
-                budget_s=budget_s,
-                rel_ci=0.03,
-                # hundreds of one-op programs: tracing each for the C++ loop costs more than it saves
-                timer="python",
-            )
-            cache[key] = res.median_ms
+            if time_op is not None:
+                cache[key] = float(time_op(op, dict(spec), w))
+            else:
+                cache[key] = _time_op(op, dict(spec), w, device, repeats, budget_s)
             done += 1
             if progress:
                 progress(done, len(todo))
         table = torch.zeros_like(self.table)
+        grid_r = self.grid.detach().cpu().repeat(len(self.terms), MAX_DIMS, 1)
         for ti, gi, w in jobs:
+            for d, (g, width) in enumerate(zip(gi, w)):
+                if isinstance(self.terms[ti].dims[d], str):  # file the entry at the width timed
+                    grid_r[ti, d, g] = width / float(self.dim_full[ti, d])
             t = self.terms[ti]
             v = 0.0 if min(w) == 0 else cache[(t.op, tuple(sorted(t.spec.items())), w)]
             if len(t.dims) == 1:
@@ -309,6 +332,7 @@ class LatencyProxy(nn.Module):
             else:
                 table[ti, gi[0], gi[1]] = v
         self.table.copy_(table)
+        self.grid_r.copy_(grid_r)
         self.table_measured = True
         return done
 
