@@ -99,6 +99,10 @@ def test_a_target_no_keep_set_reaches_is_refused(tmp_path):
 
 def test_gate_phase_trains_every_step_and_checkpoints(phases):
     gates, ctx = phases["gates"], phases["ctx"]
+    land = gates.landing  # the eval keep set exported and timed next to keep-all
+    assert land["target_ms"] == pytest.approx(0.7 * land["base_ms"])
+    assert land["error"] == pytest.approx((land["measured_ms"] - land["target_ms"]) / land["target_ms"])
+    assert land["units"] == int(store_of(gates.student).open_units().sum()) <= land["units_total"]
     assert [r["step"] for r in gates.history] == [1, 2, 3, 4]
     assert "real_ms" in gates.history[1] and "real_ms" in gates.history[3]  # probes every 2 steps
     assert not gates.student.training
@@ -118,6 +122,7 @@ def test_search_phase_measures_the_grid_and_exports_the_chosen_keep_set(phases):
     ]
     assert chosen.target_ms == chosen.search.best["limit_ms"] == pytest.approx(0.7 * chosen.base_ms)
     assert not hasattr(chosen.slim, "hawada_gates")
+    assert 0.0 <= chosen.units_moved_frac <= 1.0
     assert sum(p.numel() for p in chosen.slim.parameters()) == chosen.search.best["params"]
 
 
@@ -127,9 +132,13 @@ def test_finetune_and_report_phases_publish_the_run(phases):
     report = build_report(ctx, phases["setup"], phases["gates"], phases["chosen"], phases["slim"], ft, 0.0)
     assert report["latency"]["train_target_ms"] == phases["setup"].target_ms
     assert report["params"]["slim"] == sum(p.numel() for p in phases["slim"].parameters())
-    assert report["latency"]["speedup"] == pytest.approx(
-        report["latency"]["base"]["median_ms"] / report["latency"]["slim"]["median_ms"]
-    )
+    lat = report["latency"]
+    assert lat["speedup"] == pytest.approx(lat["base"]["median_ms"] / lat["slim"]["median_ms"])
+    assert lat["speedup_ci"][0] <= lat["speedup"] <= lat["speedup_ci"][1]
+    assert report["train"]["lambda_end"] <= report["train"]["lambda_max"] == 100.0
+    assert report["train"]["landing"] == phases["gates"].landing
+    assert report["search"]["units_moved_frac"] == phases["chosen"].units_moved_frac
+    assert set(report["proxy"]) >= {"keepall_error", "calib_mape"}
     out = write_outputs(ctx, report, phases["gates"], phases["slim"], ft)
     assert out == ctx.paths.out and not os.path.exists(ctx.paths.partial)
     assert {"metrics.jsonl", "report.json", "slim"} <= set(os.listdir(out)) and "state" not in os.listdir(out)

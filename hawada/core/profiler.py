@@ -477,3 +477,24 @@ def measure_pooled(models: list[nn.Module], meter: Meter, rounds: int = 3) -> li
         )
 
     return [pooled(rs) for rs in runs]
+
+
+def ratio_ci(
+    num: LatencyResult, den: LatencyResult, level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Bootstrap interval of ``median(num) / median(den)`` (e.g. a speedup: keep-all over slim).
+
+    Each side's samples are resampled with replacement (a fixed seed: the same samples give the
+    same interval); returns the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles.
+    """
+    a = torch.tensor(num.samples_ms, dtype=torch.float64)
+    b = torch.tensor(den.samples_ms, dtype=torch.float64)
+    if a.numel() == 0 or b.numel() == 0:
+        raise ValueError("ratio_ci needs the samples of both measurements")
+    g = torch.Generator().manual_seed(seed)
+    ia = torch.randint(0, a.numel(), (resamples, a.numel()), generator=g)
+    ib = torch.randint(0, b.numel(), (resamples, b.numel()), generator=g)
+    ratios = a[ia].median(dim=1).values / b[ib].median(dim=1).values
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(ratios, q).tolist()
+    return lo, hi

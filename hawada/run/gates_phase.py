@@ -12,7 +12,9 @@ from typing import Any
 from torch import nn
 
 from hawada.core.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
-from hawada.core.distributed import fully_shard_layers
+from hawada.core.distributed import fully_shard_layers, on_main
+from hawada.core.export import ExportPolicy, export
+from hawada.core.profiler import measure_pooled
 from hawada.core.proxy_cost import LatencyProxy
 from hawada.core.train import LagrangeTrainer, StopRequested, make_latency_probe
 from hawada.run.context import RunContext, seed_everything
@@ -55,12 +57,32 @@ class SignalFlag:
 
 @dataclass
 class GatePhase:
-    """The trained gates: ``student`` is the plain (unsharded) gated student, in eval mode."""
+    """The trained gates: ``student`` is the plain (unsharded) gated student, in eval mode;
+    ``landing`` is its eval-mode keep set measured against the target (:func:`measure_landing`)."""
 
     student: nn.Module
     trainer: LagrangeTrainer
     history: list[dict]
     metrics: MetricsLog | NoLog
+    landing: dict
+
+
+def measure_landing(ctx: RunContext, student: nn.Module, setup: Setup) -> dict:
+    """Where gate training landed: the export of the eval-mode keep set, timed interleaved with
+    keep-all, against the target (a ratio target: that ratio of the keep-all timed next to it)."""
+    slim = export(student, ExportPolicy(check=False))
+    base_r, slim_r = measure_pooled([ctx.teacher, slim], ctx.meter, rounds=2)
+    ratio = ctx.recipe.target.ratio if ctx.recipe.target.latency_ms is None else None
+    target = ratio * base_r.median_ms if ratio is not None else setup.target_ms
+    kept = int(round(float(ctx.store.open_units().sum())))
+    return {
+        "target_ms": target,
+        "measured_ms": slim_r.median_ms,
+        "base_ms": base_r.median_ms,
+        "error": (slim_r.median_ms - target) / target,
+        "units": kept,
+        "units_total": int(ctx.store.seg_units.sum()),
+    }
 
 
 def _sharded(ctx: RunContext) -> tuple[nn.Module, Callable[[], nn.Module]]:
@@ -146,4 +168,9 @@ def train_gates(ctx: RunContext, setup: Setup, proxy: LatencyProxy, calib: list,
         student = materialize().to(ctx.device)
         ctx.teacher.to(ctx.device)
     student.eval()
-    return GatePhase(student, trainer, history, metrics)
+    landing = on_main(env, lambda: measure_landing(ctx, student, setup))
+    ctx.log(
+        f"gate training landed at {landing['measured_ms']:.2f} ms against a target of {landing['target_ms']:.2f} ms "
+        f"({100 * landing['error']:+.1f}%), keeping {landing['units']} of {landing['units_total']} units"
+    )
+    return GatePhase(student, trainer, history, metrics, landing)

@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from hawada.core.export import param_count
-from hawada.core.profiler import environment_info, measure_pooled
+from hawada.core.profiler import environment_info, measure_pooled, ratio_ci
 from hawada.run.context import RunContext
 from hawada.run.folder import clear_outputs, publish
 from hawada.run.gates_phase import GatePhase
@@ -42,6 +42,7 @@ def build_report(
             "base": t_base.to_dict(),
             "slim": t_slim.to_dict(),
             "speedup": t_base.median_ms / t_slim.median_ms,
+            "speedup_ci": list(ratio_ci(t_base, t_slim)),  # bootstrap 95% of the interleaved pair
             "target_ms": chosen.target_ms,  # what the chosen export was held to
             "train_target_ms": setup.target_ms,  # what gate training aimed its proxy at
             "setup_base_ms": setup.base_ms,
@@ -58,6 +59,7 @@ def build_report(
         "search": {
             "chosen": chosen.search.best,
             "met_target": chosen.search.met_target,
+            "units_moved_frac": chosen.units_moved_frac,
             "trials": chosen.search.trials,
         },
         "proxy": {
@@ -65,10 +67,15 @@ def build_report(
             "coef": proxy.coef.tolist(),
             "calibration": proxy.calibration,
             "initial_fit_mape": setup.initial_fit_mape,
+            "calib_mape": setup.initial_fit_mape,  # at setup, before the probes refit it
+            "keepall_error": setup.keepall_error,
         },
         "train": {
             "steps": trainer.cfg.steps,
             "seconds": getattr(trainer, "seconds", None),
+            "lambda_end": float(trainer.lam),
+            "lambda_max": trainer.cfg.lambda_max,
+            "landing": gates.landing,
             "skipped_steps": trainer.bad_total,  # non-finite loss or gradient: no update
             "finetune_skipped_steps": sum(1 for r in finetune_history if r.get("skipped")),
         },
@@ -102,6 +109,12 @@ def _fmt_lat(d: dict) -> str:
     return f"{d['median_ms']:.2f} ms (p20-p80 {d['p20_ms']:.2f}-{d['p80_ms']:.2f}, n={d['n']})"
 
 
+def _fmt_speedup(lat: dict) -> str:
+    ci = lat.get("speedup_ci")
+    interval = f" (95% {ci[0]:.2f}-{ci[1]:.2f})" if ci else ""
+    return f"{lat['speedup']:.2f}x{interval}, target {lat['target_ms']:.2f} ms"
+
+
 def format_report(report: dict) -> str:
     """A plain-text summary table of :func:`hawada.run.optimize`'s report."""
     lat, par = report["latency"], report["params"]
@@ -111,7 +124,7 @@ def format_report(report: dict) -> str:
         ("input", f"{base['shapes']} {base['dtype']}"),
         ("base latency", _fmt_lat(lat["base"])),
         ("slim latency", _fmt_lat(lat["slim"])),
-        ("speedup", f"{lat['speedup']:.2f}x (target {lat['target_ms']:.2f} ms)"),
+        ("speedup", _fmt_speedup(lat)),
         ("parameters", f"{par['base']:,} -> {par['slim']:,} ({par['ratio']:.1%})"),
     ]
     for k, v in report["agreement"].items():

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from hawada.core.distributed import on_main
-from hawada.core.export import export
+from hawada.core.export import export, keep_counts, store_of
+from hawada.core.gates import GateStore
 from hawada.core.search_export import SearchResult, search_export
 from hawada.run.context import RunContext
 from hawada.run.setup import Setup
@@ -22,6 +23,15 @@ class SearchPhase:
     slim: nn.Module
     target_ms: float
     base_ms: float | None
+    units_moved_frac: float  # units whose keep status the search changed, over all units
+
+
+def units_moved(store: GateStore, counts: dict[str, int]) -> float:
+    """Fraction of all units kept by ``counts`` but closed in eval mode, or the reverse (keep
+    sets grow and shrink in logit order, so a count difference is that many moved units)."""
+    open_u = [int(round(v)) for v in store.open_units().tolist()]
+    moved = sum(abs(counts[s.name] - o) for s, o in zip(store.segments, open_u))
+    return moved / sum(s.units for s in store.segments)
 
 
 def search_and_export(ctx: RunContext, student: nn.Module, setup: Setup) -> SearchPhase:
@@ -50,4 +60,5 @@ def search_and_export(ctx: RunContext, student: nn.Module, setup: Setup) -> Sear
     if recipe.export.uniform:
         policy = ctx.adapter.uniform_policy(student, policy)
     slim = export(student, policy).to(ctx.device)
-    return SearchPhase(search, slim, target_ms, base_ms)
+    moved = units_moved(store_of(student), keep_counts(store_of(student), policy))
+    return SearchPhase(search, slim, target_ms, base_ms, moved)

@@ -19,6 +19,8 @@ from hawada.core.proxy_cost import LatencyProxy
 from hawada.run.context import RunContext
 from hawada.run.folder import RunPaths
 
+CALIB_WARN_PCT = 10.0  # a calibration that misses by more is said in one line
+
 
 class TargetError(ValueError):
     """A latency target that no allowed keep set can reach."""
@@ -36,6 +38,7 @@ class Setup:
     min_ms: float
     target_ms: float
     initial_fit_mape: float
+    keepall_error: float  # (proxy of keep-all - measured keep-all) / measured, after calibration
     calib_ms: list[float]
     proxy_calibration: list[dict]
     proxy_table_measured: bool
@@ -104,12 +107,23 @@ def measure_setup(ctx: RunContext) -> Setup:
         ctx.student, calibration_logits(ctx.student, p.calib_points, recipe.seed), ctx.meter
     )
     fit = proxy.calibrate([w for w, _ in calib], [m for _, m in calib])
-    ctx.log(f"proxy calibrated on {len(calib)} measured sub-architectures: MAPE {fit['mape']:.1f}%")
+    with torch.no_grad():
+        keepall_error = (float(proxy(store.seg_units)) - base_ms) / base_ms
+    ctx.log(
+        f"proxy calibrated on {len(calib)} measured sub-architectures: MAPE {fit['mape']:.1f}%, "
+        f"keep-all {100 * keepall_error:+.1f}%"
+    )
+    if fit["mape"] > CALIB_WARN_PCT or abs(keepall_error) * 100 > CALIB_WARN_PCT:
+        ctx.log(
+            f"warning: the latency proxy misses the measured sub-architectures by more than {CALIB_WARN_PCT:g}% "
+            "(gate training aims at a proxy number; its probes recalibrate it on the way)"
+        )
     setup = Setup(
         base_ms=base_ms,
         min_ms=min_ms,
         target_ms=target_ms,
         initial_fit_mape=fit["mape"],
+        keepall_error=keepall_error,
         calib_ms=[float(m) for _, m in calib],
         proxy_calibration=proxy.calibration,
         proxy_table_measured=bool(proxy.table_measured),
