@@ -393,3 +393,20 @@ def test_hidden_state_kd_needs_an_adapter_that_gives_states() -> None:
     with pytest.raises(ValueError, match="alpha_hidden > 0, but the 'nostates' family"):
         student_teacher_loss(NoStates(), lin, lin, torch.randn(2, 3), KDConfig(alpha_hidden=1.0))
     assert float(student_teacher_loss(NoStates(), lin, lin, torch.randn(2, 3), KDConfig()).detach()) < 1e-10
+
+
+@pytest.mark.parametrize("name", ["ViTForImageClassification", "BertModel"])
+def test_every_head_of_every_layer_closed_exports_saves_and_loads(tmp_path, name: str) -> None:
+    g = gated(name)
+    store = hawada.gates(g)
+    with torch.no_grad():
+        for i in range(LAYERS):
+            s = store.segment(f"layer{i}.heads")
+            store.logits[s.start : s.stop] = -1.0
+    slim = hawada.export(g)  # checked against the eval-mode gated model inside export
+    lay = adapter_for(slim).layout(slim)
+    assert lay["head_dim"] == HIDDEN // HEADS and all(la["attn"] == 0 for la in lay["layers"])
+    save_slim(slim, str(tmp_path))
+    back = load_slim(str(tmp_path))
+    x = adapter_for(slim).example_inputs(slim)
+    assert torch.equal(out(back, x), out(slim, x))

@@ -318,7 +318,7 @@ class HFEncoderAdapter(Adapter):
                 remote.set_path(layer, p["up"], slice_linear(get_path(layer, p["up"]), out_idx=kf))
                 remote.set_path(layer, p["down"], slice_linear(get_path(layer, p["down"]), in_idx=kf))
         del hidden
-        _record_layout(slim)
+        _record_layout(slim, hd)  # hd: no module may be left to tell it (every head removed)
         slim.train(gated.training)
         return slim
 
@@ -374,24 +374,30 @@ class HFEncoderAdapter(Adapter):
         return model
 
     def layout(self, model: nn.Module) -> dict:
-        style, _, layers = _style_and_layers(model) if not _has_empty(model) else _loose_layers(model)
-        hd = _head_dim_any(model, style, layers)
-        p = STYLES[style]
-        out = []
-        for layer in layers:
-            attn = get_path(layer, p["attn"])
-            if isinstance(attn, EmptyAttention):
-                width = 0
-            else:
-                width = get_path(layer, p["q"]).out_features
-            out.append({"attn": int(width), "ffn": int(get_path(layer, p["up"]).out_features)})
-        return {
-            "family": self.family,
-            "class": type(model).__name__,
-            "style": style,
-            "head_dim": hd,
-            "layers": out,
-        }
+        return _layout(model)
+
+
+def _layout(model: nn.Module, head_dim: int | None = None) -> dict:
+    """:meth:`HFEncoderAdapter.layout`; ``head_dim``: the head size when the caller knows it (a
+    model whose heads were all removed keeps no module that tells it)."""
+    style, _, layers = _style_and_layers(model) if not _has_empty(model) else _loose_layers(model)
+    hd = head_dim or _head_dim_any(model, style, layers)
+    p = STYLES[style]
+    out = []
+    for layer in layers:
+        attn = get_path(layer, p["attn"])
+        if isinstance(attn, EmptyAttention):
+            width = 0
+        else:
+            width = get_path(layer, p["q"]).out_features
+        out.append({"attn": int(width), "ffn": int(get_path(layer, p["up"]).out_features)})
+    return {
+        "family": HFEncoderAdapter.family,
+        "class": type(model).__name__,
+        "style": style,
+        "head_dim": int(hd),
+        "layers": out,
+    }
 
 
 def _has_empty(model: nn.Module) -> bool:
@@ -430,10 +436,10 @@ def _is_uniform(lay: dict) -> bool:
     return len({(x["attn"], x["ffn"]) for x in lay["layers"]}) == 1
 
 
-def _record_layout(model: nn.Module) -> dict:
+def _record_layout(model: nn.Module, head_dim: int | None = None) -> dict:
     """Write the per-layer layout into ``model.config`` (and, when uniform and expressible, the
     stock fields, so the config describes the model to a plain ``from_pretrained``)."""
-    lay = HFEncoderAdapter().layout(model)
+    lay = _layout(model, head_dim)
     cfg = model.config
     cfg.hawada_layout = {"style": lay["style"], "head_dim": lay["head_dim"], "layers": lay["layers"]}
     if _is_uniform(lay):
