@@ -54,3 +54,26 @@ def project_per_segment(logits: torch.Tensor, store, margin: float) -> torch.Ten
         for i in order[: s.min_keep]:
             seg[i] = max(float(seg[i]), margin)
     return out
+
+
+def write_image_folder(root, splits: dict[str, dict[str, int]], size: int = 20, seed: int = 0, order=None):
+    """Write ``root/<split>/<class>/img<i>.png`` RGB images (``splits[split][class]`` of each),
+    each class around its own colour so the classes can be told apart; returns ``root``.
+    ``order``: a permutation of the files to write them in (the file system's order varies)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    files = []
+    for split, classes in splits.items():
+        for c, (name, count) in enumerate(sorted(classes.items())):
+            base = rng.integers(0, 256, 3)
+            for i in range(count):
+                noise = rng.integers(-40, 41, (size, size, 3))
+                pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
+                files.append((root / split / name / f"img{i}.png", pixels, c))
+    for k in order(len(files)) if order else range(len(files)):
+        path, pixels, _ = files[k]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path)
+    return root
