@@ -77,3 +77,25 @@ def write_image_folder(root, splits: dict[str, dict[str, int]], size: int = 20, 
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels).save(path)
     return root
+
+
+def save_tiny_vit(path, num_labels: int = 3, image_size: int = 16, classifier: bool = True, seed: int = 0):
+    """``save_pretrained`` of a random 2-layer ViT (hidden 32, 4 heads, FFN 64, patch 4) into
+    ``path``: a ViTForImageClassification with ``num_labels`` labels, or a bare ViTModel."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTModel
+
+    torch.manual_seed(seed)
+    cfg = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=image_size,
+        patch_size=4,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=num_labels,
+    )
+    model = (ViTForImageClassification if classifier else ViTModel)(cfg).eval()
+    model.save_pretrained(str(path))
+    return model
