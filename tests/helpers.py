@@ -54,3 +54,48 @@ def project_per_segment(logits: torch.Tensor, store, margin: float) -> torch.Ten
         for i in order[: s.min_keep]:
             seg[i] = max(float(seg[i]), margin)
     return out
+
+
+def write_image_folder(root, splits: dict[str, dict[str, int]], size: int = 20, seed: int = 0, order=None):
+    """Write ``root/<split>/<class>/img<i>.png`` RGB images (``splits[split][class]`` of each),
+    each class around its own colour so the classes can be told apart; returns ``root``.
+    ``order``: a permutation of the files to write them in (the file system's order varies)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    files = []
+    for split, classes in splits.items():
+        for c, (name, count) in enumerate(sorted(classes.items())):
+            base = rng.integers(0, 256, 3)
+            for i in range(count):
+                noise = rng.integers(-40, 41, (size, size, 3))
+                pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
+                files.append((root / split / name / f"img{i}.png", pixels, c))
+    for k in order(len(files)) if order else range(len(files)):
+        path, pixels, _ = files[k]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path)
+    return root
+
+
+def save_tiny_vit(path, num_labels: int = 3, image_size: int = 16, classifier: bool = True, seed: int = 0):
+    """``save_pretrained`` of a random 2-layer ViT (hidden 32, 4 heads, FFN 64, patch 4) into
+    ``path``: a ViTForImageClassification with ``num_labels`` labels, or a bare ViTModel."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTModel
+
+    torch.manual_seed(seed)
+    cfg = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=image_size,
+        patch_size=4,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=num_labels,
+    )
+    model = (ViTForImageClassification if classifier else ViTModel)(cfg).eval()
+    model.save_pretrained(str(path))
+    return model

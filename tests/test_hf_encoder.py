@@ -1,6 +1,6 @@
 """The hf_encoder adapter on small random BERT/ViT configs with odd sizes (6 heads, FFN 100 in
 groups of 16): invariants 1-4, closed heads/FFN, eager and sdpa, save/load both ways, uniform
-export, layout errors, cost terms and a training step."""
+export, layout errors, cost terms, a training step, and loading the class a folder declares."""
 
 from __future__ import annotations
 
@@ -393,3 +393,73 @@ def test_hidden_state_kd_needs_an_adapter_that_gives_states() -> None:
     with pytest.raises(ValueError, match="alpha_hidden > 0, but the 'nostates' family"):
         student_teacher_loss(NoStates(), lin, lin, torch.randn(2, 3), KDConfig(alpha_hidden=1.0))
     assert float(student_teacher_loss(NoStates(), lin, lin, torch.randn(2, 3), KDConfig()).detach()) < 1e-10
+
+
+@pytest.mark.parametrize(
+    "name, labels", [("ViTForImageClassification", 5), ("BertForSequenceClassification", 3)]
+)
+def test_load_model_keeps_the_classifier_the_folder_declares(tmp_path, name: str, labels: int) -> None:
+    torch.manual_seed(0)
+    model = BUILDERS[name]("sdpa").eval()
+    model.save_pretrained(str(tmp_path / "teacher"))
+    ad = get_adapter("hf_encoder")
+    loaded = ad.load_model("unused", 0, str(tmp_path / "teacher"))
+    assert type(loaded) is type(model) and ad.kd_kind == "logits"
+    x = ad.example_inputs(model)
+    assert torch.equal(out(loaded, x), out(model, x))  # head weights loaded, not re-initialised
+    assert ad.output(loaded, x).shape == (2, labels)
+    # gated, pruned, saved and reloaded: still the classifier, same logits
+    g = hawada.attach(loaded, GateConfig(group_size={"ffn": GROUP}))
+    assert g._hawada_adapter.kd_kind == "logits"
+    randomize(hawada.gates(g))
+    slim = hawada.export(g)
+    save_slim(slim, str(tmp_path / "slim"))
+    back = load_slim(str(tmp_path / "slim"))
+    assert type(back) is type(model) and back.classifier.out_features == labels
+    assert torch.equal(out(back, x), out(slim, x))
+
+
+def test_load_model_of_a_bare_folder_gives_the_encoder(tmp_path) -> None:
+    torch.manual_seed(0)
+    BUILDERS["ViTModel"]("sdpa").save_pretrained(str(tmp_path))
+    ad = get_adapter("hf_encoder")
+    model = ad.load_model("unused", 0, str(tmp_path))
+    assert type(model) is ViTModel and ad.kd_kind == "embedding"
+
+
+@pytest.mark.parametrize(
+    "declared, message",
+    [
+        ("SwinForImageClassification", "declares a SwinForImageClassification; the hf_encoder family loads"),
+        ("BertForSequenceClassification", "but its config is a ViTConfig (model_type 'vit')"),
+    ],
+)
+def test_load_model_refuses_a_classifier_it_cannot_keep(tmp_path, declared: str, message: str) -> None:
+    import json
+
+    torch.manual_seed(0)
+    BUILDERS["ViTForImageClassification"]("sdpa").save_pretrained(str(tmp_path))
+    cfg_file = tmp_path / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["architectures"] = [declared]
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(UnknownModelError) as e:
+        get_adapter("hf_encoder").load_model("unused", 0, str(tmp_path))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["ViTForImageClassification", "BertModel"])
+def test_every_head_of_every_layer_closed_exports_saves_and_loads(tmp_path, name: str) -> None:
+    g = gated(name)
+    store = hawada.gates(g)
+    with torch.no_grad():
+        for i in range(LAYERS):
+            s = store.segment(f"layer{i}.heads")
+            store.logits[s.start : s.stop] = -1.0
+    slim = hawada.export(g)  # checked against the eval-mode gated model inside export
+    lay = adapter_for(slim).layout(slim)
+    assert lay["head_dim"] == HIDDEN // HEADS and all(la["attn"] == 0 for la in lay["layers"])
+    save_slim(slim, str(tmp_path))
+    back = load_slim(str(tmp_path))
+    x = adapter_for(slim).example_inputs(slim)
+    assert torch.equal(out(back, x), out(slim, x))

@@ -14,6 +14,11 @@ Export slices the linears and updates the attention's head count; a layer whose 
 closed gets an :class:`EmptyAttention` (only the output bias remains, as in the gated model), a
 layer whose FFN is all closed gets zero-width linears. The per-layer layout is stored in
 ``config.hawada_layout``.
+
+A classifier (``*ForImageClassification``, ``*ForSequenceClassification``) stays one from loading
+to the saved slim folder: its head is never gated or sliced, and distillation compares its
+``[B, C]`` logits (``kd_kind`` ``logits``); a bare encoder is distilled on its mean-pooled
+embeddings (``kd_kind`` ``embedding``).
 """
 
 from __future__ import annotations
@@ -51,8 +56,47 @@ TASK_AUTO = {
 }
 
 
+# Task heads whose output is one row of class logits per example: a folder declaring one of these
+# is loaded as that class, so the head survives and distillation compares logits [B, C].
+CLASSIFIER_SUFFIXES = ("ForImageClassification", "ForSequenceClassification")
+
+
 class LayoutError(UnknownModelError):
     """A model whose encoder layers do not have the layout this adapter gates."""
+
+
+def load_pretrained(path: str) -> nn.Module:
+    """A transformers encoder from the local folder ``path``, built by transformers' own classes
+    (local files only, no remote code).
+
+    A folder whose ``config.architectures`` names a classifier (``*ForImageClassification``,
+    ``*ForSequenceClassification``) gives that class, head included; any other folder (a bare
+    encoder, a masked-LM checkpoint) gives the bare encoder ``AutoModel`` builds, whose output
+    distillation compares as embeddings.
+    """
+    import transformers
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    declared = [a for a in (getattr(config, "architectures", None) or []) if a.endswith(CLASSIFIER_SUFFIXES)]
+    if not declared:
+        return AutoModel.from_pretrained(path, config=config, local_files_only=True, trust_remote_code=False)
+    name = declared[0]
+    cls = getattr(transformers, name, None)
+    # Only classes a slim folder can be reloaded as (hf_remote's slim subclasses): any other
+    # would train for the whole run and fail when its slim model is saved.
+    supported = [c for c in remote.STOCK_CLASSES if c.endswith(CLASSIFIER_SUFFIXES)]
+    if cls is None or name not in supported:
+        raise LayoutError(
+            f"model.path: {path} declares a {name}; the hf_encoder family loads the classifiers "
+            f"{', '.join(supported)}"
+        )
+    if not isinstance(config, cls.config_class):
+        raise LayoutError(
+            f"model.path: {path} declares a {name}, but its config is a {type(config).__name__} "
+            f"(model_type {config.model_type!r})"
+        )
+    return cls.from_pretrained(path, config=config, local_files_only=True)
 
 
 def _style_and_layers(model: nn.Module) -> tuple[str, str, nn.ModuleList]:
@@ -318,7 +362,7 @@ class HFEncoderAdapter(Adapter):
                 remote.set_path(layer, p["up"], slice_linear(get_path(layer, p["up"]), out_idx=kf))
                 remote.set_path(layer, p["down"], slice_linear(get_path(layer, p["down"]), in_idx=kf))
         del hidden
-        _record_layout(slim)
+        _record_layout(slim, hd)  # hd: no module may be left to tell it (every head removed)
         slim.train(gated.training)
         return slim
 
@@ -352,16 +396,16 @@ class HFEncoderAdapter(Adapter):
 
     # ------------------------------------------------------------------ files
     def load_model(self, arch: str, num_classes: int, path: str | None = None) -> nn.Module:
-        """A pretrained encoder from the local folder ``path`` (nothing is downloaded)."""
+        """A pretrained encoder from the local folder ``path`` (nothing is downloaded): a saved slim
+        model, the classifier its config declares, or the bare encoder (see :func:`load_pretrained`).
+        ``kd_kind`` follows: ``logits`` for a classifier, ``embedding`` for a bare encoder."""
         if path is None:
             raise ValueError("model.path: the hf_encoder family needs a local model folder")
         if not os.path.isdir(path):
             raise FileNotFoundError(f"model.path: folder not found: {path}")
         if os.path.isfile(os.path.join(path, "layout.json")):
             return self.load(path)
-        from transformers import AutoModel
-
-        model = AutoModel.from_pretrained(path, local_files_only=True)
+        model = load_pretrained(path)
         self.kd_kind = "embedding" if _is_bare(model) else "logits"
         return model.eval()
 
@@ -374,24 +418,30 @@ class HFEncoderAdapter(Adapter):
         return model
 
     def layout(self, model: nn.Module) -> dict:
-        style, _, layers = _style_and_layers(model) if not _has_empty(model) else _loose_layers(model)
-        hd = _head_dim_any(model, style, layers)
-        p = STYLES[style]
-        out = []
-        for layer in layers:
-            attn = get_path(layer, p["attn"])
-            if isinstance(attn, EmptyAttention):
-                width = 0
-            else:
-                width = get_path(layer, p["q"]).out_features
-            out.append({"attn": int(width), "ffn": int(get_path(layer, p["up"]).out_features)})
-        return {
-            "family": self.family,
-            "class": type(model).__name__,
-            "style": style,
-            "head_dim": hd,
-            "layers": out,
-        }
+        return _layout(model)
+
+
+def _layout(model: nn.Module, head_dim: int | None = None) -> dict:
+    """:meth:`HFEncoderAdapter.layout`; ``head_dim``: the head size when the caller knows it (a
+    model whose heads were all removed keeps no module that tells it)."""
+    style, _, layers = _style_and_layers(model) if not _has_empty(model) else _loose_layers(model)
+    hd = head_dim or _head_dim_any(model, style, layers)
+    p = STYLES[style]
+    out = []
+    for layer in layers:
+        attn = get_path(layer, p["attn"])
+        if isinstance(attn, EmptyAttention):
+            width = 0
+        else:
+            width = get_path(layer, p["q"]).out_features
+        out.append({"attn": int(width), "ffn": int(get_path(layer, p["up"]).out_features)})
+    return {
+        "family": HFEncoderAdapter.family,
+        "class": type(model).__name__,
+        "style": style,
+        "head_dim": int(hd),
+        "layers": out,
+    }
 
 
 def _has_empty(model: nn.Module) -> bool:
@@ -430,10 +480,10 @@ def _is_uniform(lay: dict) -> bool:
     return len({(x["attn"], x["ffn"]) for x in lay["layers"]}) == 1
 
 
-def _record_layout(model: nn.Module) -> dict:
+def _record_layout(model: nn.Module, head_dim: int | None = None) -> dict:
     """Write the per-layer layout into ``model.config`` (and, when uniform and expressible, the
     stock fields, so the config describes the model to a plain ``from_pretrained``)."""
-    lay = HFEncoderAdapter().layout(model)
+    lay = _layout(model, head_dim)
     cfg = model.config
     cfg.hawada_layout = {"style": lay["style"], "head_dim": lay["head_dim"], "layers": lay["layers"]}
     if _is_uniform(lay):

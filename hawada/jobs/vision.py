@@ -1,4 +1,4 @@
-"""Image classification jobs (digits, ImageFolder) for CNN families."""
+"""Image classification jobs (digits, ImageFolder) for CNN and ViT-style classifier families."""
 
 from __future__ import annotations
 
@@ -7,16 +7,40 @@ import os
 import torch
 from torch import nn
 
-from hawada.adapters.base import get_adapter
+from hawada.adapters.base import Adapter, get_adapter
 from hawada.config import Recipe
 from hawada.data.vision import (
     DataError,
+    Splits,
     classification_metrics,
     digits_splits,
     imagefolder_splits,
     train_classifier,
 )
 from hawada.jobs.base import Job, register_job
+
+
+def check_classifier(teacher: nn.Module, adapter: Adapter, splits: Splits) -> None:
+    """Refuse, in one line, a teacher that cannot classify these images: one that gives no class
+    logits (a bare encoder), whose label count differs from the data's classes, or whose config
+    fixes another input size. The run would otherwise fail after training, or score labels that
+    mean nothing."""
+    name = type(teacher).__name__
+    if adapter.kd_kind != "logits":
+        raise DataError(
+            f"model.path: a {name} gives no class logits; image classification needs a classifier "
+            "(config.architectures naming a *ForImageClassification class)"
+        )
+    cfg = getattr(teacher, "config", None)
+    if cfg is None:  # torchvision models are built for the data's class count
+        return
+    labels = getattr(cfg, "num_labels", None)
+    if labels is not None and labels != splits.num_classes:
+        raise DataError(f"model.path: the {name} has {labels} labels, the data {splits.num_classes} classes")
+    size = getattr(cfg, "image_size", None)
+    want = splits.image_size
+    if size is not None and size not in (want, [want, want], (want, want)):
+        raise DataError(f"data.image_size: {want}, but the {name} takes {size}-pixel images")
 
 
 @register_job("digits", "imagefolder")
@@ -30,7 +54,13 @@ def build_vision_job(recipe: Recipe, device: torch.device) -> Job:
     if m.path is not None and not os.path.exists(m.path):
         raise DataError(f"model.path: file not found: {m.path}")
     teacher: nn.Module = adapter.load_model(m.arch, splits.num_classes, m.path)
-    info = {"data": d.kind, "train_batches": len(splits.train), "num_classes": splits.num_classes}
+    check_classifier(teacher, adapter, splits)
+    info = {
+        "data": d.kind,
+        "train_batches": len(splits.train),
+        "num_classes": splits.num_classes,
+        **splits.info,
+    }
     if m.path is None:
         losses = train_classifier(
             teacher, splits.train, recipe.teacher.epochs, recipe.teacher.lr, device, recipe.progress
