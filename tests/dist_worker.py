@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,7 @@ from hawada.core.distributed import (  # noqa: E402
     broadcast_object,
     check_replicated,
     init_from_env,
+    main_only,
     on_main,
     shutdown,
 )
@@ -35,6 +37,13 @@ from hawada.core.loop import reseed_loader  # noqa: E402
 from hawada.core.proxy_cost import LatencyProxy  # noqa: E402
 from hawada.core.train import LagrangeTrainer, TrainConfig  # noqa: E402
 from tests.helpers import tiny_resnet  # noqa: E402
+
+
+class TwoArgError(Exception):
+    """An exception whose constructor does not take its message: it cannot be rebuilt from it."""
+
+    def __init__(self, what: str, n: int) -> None:
+        super().__init__(f"{what} failed {n} times")
 
 
 def gather(x: torch.Tensor, world: int) -> list[torch.Tensor]:
@@ -58,6 +67,42 @@ def collectives(env) -> dict:
     except ValueError as e:
         res["on_main_error"] = str(e)
     res["on_main_value"] = on_main(env, lambda: 41 + env.rank)
+
+    # a BaseException too: rank 0 re-raises its own object, the others one of the same type
+    sent = KeyboardInterrupt("stopped on rank 0")
+
+    def interrupt() -> int:
+        raise sent
+
+    try:
+        on_main(env, interrupt)
+        res["on_main_base"] = None
+    except KeyboardInterrupt as e:
+        res["on_main_base"] = [type(e).__name__, str(e), e is sent]
+    try:
+        main_only(env, lambda: sys.exit(3))
+        res["main_only_exit"] = None
+    except SystemExit as e:
+        res["main_only_exit"] = e.code
+
+    # an exception that cannot be rebuilt from its message reaches the others as a RuntimeError
+    def two_args() -> int:
+        raise TwoArgError("table", 3)
+
+    try:
+        on_main(env, two_args)
+        res["odd_error"] = None
+    except (TwoArgError, RuntimeError) as e:
+        res["odd_error"] = [type(e).__name__, str(e)]
+    # a result that cannot be pickled: an error on every rank rather than a rank left waiting
+    try:
+        on_main(env, threading.Lock)
+        res["unpicklable"] = None
+    except TypeError as e:
+        res["unpicklable"] = str(e)
+    # main_only shares nothing: rank 0 keeps its (unpicklable) result, the others get None
+    kept = main_only(env, threading.Lock)
+    res["main_only_value"] = None if kept is None else type(kept).__name__
 
     same = torch.arange(5.0)
     res["identical_ok"] = check_replicated({"w": same}, env) == 0.0

@@ -80,9 +80,17 @@ def test_collectives_on_two_gloo_ranks(tmp_path):
         # an error on rank 0 reaches every rank with its type and message: nobody hangs
         assert r["on_main_error"] == "target latency 1 ms is below the fastest allowed keep set"
         assert r["on_main_value"] == 41
+        assert r["main_only_exit"] == 3  # a SystemExit on rank 0 ends every rank with its code
+        assert r["unpicklable"].startswith("rank 0's result cannot be sent to the other ranks")
         assert r["identical_ok"] is True
         assert r["mismatch"].startswith("gate logits differs between the 2 ranks after step 3")
         assert r["loader_shards_cover_global_batches"] is True
+    # a BaseException on rank 0 reaches rank 1 too; rank 0 re-raises its own object
+    assert r0["on_main_base"] == ["KeyboardInterrupt", "stopped on rank 0", True]
+    assert r1["on_main_base"] == ["KeyboardInterrupt", "stopped on rank 0", False]
+    assert r0["odd_error"] == ["TwoArgError", "table failed 3 times"]
+    assert r1["odd_error"] == ["RuntimeError", "TwoArgError: table failed 3 times"]
+    assert r0["main_only_value"] == "lock" and r1["main_only_value"] is None
 
 
 def test_a_bad_batch_on_one_rank_skips_the_step_on_every_rank(tmp_path):
