@@ -2,6 +2,9 @@
 ``<out>/rank<r>.json`` with what it saw (the test compares the ranks' files).
 
     torchrun --standalone --nproc_per_node 2 tests/dist_worker.py SCENARIO OUT_DIR
+
+``optimize_failing_checkpoint OUT_DIR RECIPE`` runs ``hawada optimize RECIPE`` with a failing
+checkpoint write on rank 0 instead, and exits as the command does.
 """
 
 from __future__ import annotations
@@ -225,8 +228,35 @@ def fsdp_resume(env) -> dict:
     }
 
 
+def optimize_failing_checkpoint(out: str, recipe: str) -> int:
+    """``hawada optimize RECIPE`` in which rank 0's checkpoint write fails as on a full disk.
+
+    ``<out>/fault.json`` gets the time of the fault (``time.time()``) and the timeout of the
+    process group the run created (``timeout_s``).
+    """
+    import errno
+    import time
+
+    from hawada import cli
+    from hawada.run import gates_phase
+
+    def failing_save(*args, **kwargs) -> str:
+        gloo = dist.group.WORLD._get_backend(torch.device("cpu"))
+        fault = {"time": time.time(), "timeout_s": gloo.options._timeout.total_seconds()}
+        tmp = os.path.join(out, "fault.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(fault, f)
+        os.replace(tmp, os.path.join(out, "fault.json"))  # the test never reads a half-written file
+        raise OSError(errno.ENOSPC, "No space left on device (injected checkpoint fault)")
+
+    gates_phase.save_checkpoint = failing_save
+    return cli.main(["optimize", recipe])
+
+
 def main() -> None:
     scenario, out = sys.argv[1], sys.argv[2]
+    if scenario == "optimize_failing_checkpoint":
+        raise SystemExit(optimize_failing_checkpoint(out, sys.argv[3]))
     env = init_from_env("cpu")
     try:
         res = {"collectives": collectives, "trainer_nan": trainer_nan, "fsdp_resume": fsdp_resume}[scenario](
