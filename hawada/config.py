@@ -105,6 +105,15 @@ class DistributedSection:
         help="under torchrun: ddp replicates student and teacher on every rank; fsdp shards their "
         "layers across the ranks (FSDP2 fully_shard) during gate training",
     )
+    timeout_s: float = knob(
+        1800.0,
+        lo=60.0,
+        hi=86400.0,
+        help="seconds a collective waits for the other ranks before the run fails. They wait while "
+        "rank 0 alone times the setup, a probe or the rounding search: tens of minutes on a large "
+        "model, which NCCL's default (10 min) would cut short; 30 min covers that and still ends "
+        "a run whose rank was lost within half an hour",
+    )
 
 
 @dataclass

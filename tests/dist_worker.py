@@ -2,6 +2,9 @@
 ``<out>/rank<r>.json`` with what it saw (the test compares the ranks' files).
 
     torchrun --standalone --nproc_per_node 2 tests/dist_worker.py SCENARIO OUT_DIR
+
+``optimize_failing_checkpoint OUT_DIR RECIPE`` runs ``hawada optimize RECIPE`` with a failing
+checkpoint write on rank 0 instead, and exits as the command does.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import copy
 import json
 import os
 import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -28,6 +32,7 @@ from hawada.core.distributed import (  # noqa: E402
     broadcast_object,
     check_replicated,
     init_from_env,
+    main_only,
     on_main,
     shutdown,
 )
@@ -35,6 +40,13 @@ from hawada.core.loop import reseed_loader  # noqa: E402
 from hawada.core.proxy_cost import LatencyProxy  # noqa: E402
 from hawada.core.train import LagrangeTrainer, TrainConfig  # noqa: E402
 from tests.helpers import tiny_resnet  # noqa: E402
+
+
+class TwoArgError(Exception):
+    """An exception whose constructor does not take its message: it cannot be rebuilt from it."""
+
+    def __init__(self, what: str, n: int) -> None:
+        super().__init__(f"{what} failed {n} times")
 
 
 def gather(x: torch.Tensor, world: int) -> list[torch.Tensor]:
@@ -58,6 +70,42 @@ def collectives(env) -> dict:
     except ValueError as e:
         res["on_main_error"] = str(e)
     res["on_main_value"] = on_main(env, lambda: 41 + env.rank)
+
+    # a BaseException too: rank 0 re-raises its own object, the others one of the same type
+    sent = KeyboardInterrupt("stopped on rank 0")
+
+    def interrupt() -> int:
+        raise sent
+
+    try:
+        on_main(env, interrupt)
+        res["on_main_base"] = None
+    except KeyboardInterrupt as e:
+        res["on_main_base"] = [type(e).__name__, str(e), e is sent]
+    try:
+        main_only(env, lambda: sys.exit(3))
+        res["main_only_exit"] = None
+    except SystemExit as e:
+        res["main_only_exit"] = e.code
+
+    # an exception that cannot be rebuilt from its message reaches the others as a RuntimeError
+    def two_args() -> int:
+        raise TwoArgError("table", 3)
+
+    try:
+        on_main(env, two_args)
+        res["odd_error"] = None
+    except (TwoArgError, RuntimeError) as e:
+        res["odd_error"] = [type(e).__name__, str(e)]
+    # a result that cannot be pickled: an error on every rank rather than a rank left waiting
+    try:
+        on_main(env, threading.Lock)
+        res["unpicklable"] = None
+    except TypeError as e:
+        res["unpicklable"] = str(e)
+    # main_only shares nothing: rank 0 keeps its (unpicklable) result, the others get None
+    kept = main_only(env, threading.Lock)
+    res["main_only_value"] = None if kept is None else type(kept).__name__
 
     same = torch.arange(5.0)
     res["identical_ok"] = check_replicated({"w": same}, env) == 0.0
@@ -180,8 +228,35 @@ def fsdp_resume(env) -> dict:
     }
 
 
+def optimize_failing_checkpoint(out: str, recipe: str) -> int:
+    """``hawada optimize RECIPE`` in which rank 0's checkpoint write fails as on a full disk.
+
+    ``<out>/fault.json`` gets the time of the fault (``time.time()``) and the timeout of the
+    process group the run created (``timeout_s``).
+    """
+    import errno
+    import time
+
+    from hawada import cli
+    from hawada.run import gates_phase
+
+    def failing_save(*args, **kwargs) -> str:
+        gloo = dist.group.WORLD._get_backend(torch.device("cpu"))
+        fault = {"time": time.time(), "timeout_s": gloo.options._timeout.total_seconds()}
+        tmp = os.path.join(out, "fault.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(fault, f)
+        os.replace(tmp, os.path.join(out, "fault.json"))  # the test never reads a half-written file
+        raise OSError(errno.ENOSPC, "No space left on device (injected checkpoint fault)")
+
+    gates_phase.save_checkpoint = failing_save
+    return cli.main(["optimize", recipe])
+
+
 def main() -> None:
     scenario, out = sys.argv[1], sys.argv[2]
+    if scenario == "optimize_failing_checkpoint":
+        raise SystemExit(optimize_failing_checkpoint(out, sys.argv[3]))
     env = init_from_env("cpu")
     try:
         res = {"collectives": collectives, "trainer_nan": trainer_nan, "fsdp_resume": fsdp_resume}[scenario](

@@ -43,6 +43,7 @@ def test_defaults_and_shipped_recipes_validate():
         ({"kd": {"alpha_hidden": -0.5}}, "kd.alpha_hidden: must be >= 0, got -0.5"),
         ({"search": {"fill_probes": -1}}, "search.fill_probes: must be >= 0, got -1"),
         ({"model": {"dropout": 1.0}}, "model.dropout: must be <= 0.9, got 1.0"),
+        ({"distributed": {"timeout_s": 5}}, "distributed.timeout_s: must be >= 60, got 5.0"),
     ],
 )
 def test_schema_errors_name_the_field(data, message):

@@ -80,9 +80,17 @@ def test_collectives_on_two_gloo_ranks(tmp_path):
         # an error on rank 0 reaches every rank with its type and message: nobody hangs
         assert r["on_main_error"] == "target latency 1 ms is below the fastest allowed keep set"
         assert r["on_main_value"] == 41
+        assert r["main_only_exit"] == 3  # a SystemExit on rank 0 ends every rank with its code
+        assert r["unpicklable"].startswith("rank 0's result cannot be sent to the other ranks")
         assert r["identical_ok"] is True
         assert r["mismatch"].startswith("gate logits differs between the 2 ranks after step 3")
         assert r["loader_shards_cover_global_batches"] is True
+    # a BaseException on rank 0 reaches rank 1 too; rank 0 re-raises its own object
+    assert r0["on_main_base"] == ["KeyboardInterrupt", "stopped on rank 0", True]
+    assert r1["on_main_base"] == ["KeyboardInterrupt", "stopped on rank 0", False]
+    assert r0["odd_error"] == ["TwoArgError", "table failed 3 times"]
+    assert r1["odd_error"] == ["RuntimeError", "TwoArgError: table failed 3 times"]
+    assert r0["main_only_value"] == "lock" and r1["main_only_value"] is None
 
 
 def test_a_bad_batch_on_one_rank_skips_the_step_on_every_rank(tmp_path):
@@ -274,3 +282,86 @@ def test_sigint_to_torchrun_stops_every_rank_at_one_step_and_resume_is_exact(tmp
         if k.startswith(("student.", "opt_", "lam")):
             assert torch.equal(a_t[k], b_t[k]), k
     assert _gate_steps(tmp_path / "run" / "metrics.jsonl") == list(range(1, steps + 1))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_failed_checkpoint_write_on_rank_0_stops_both_ranks_within_seconds(tmp_path):
+    """Rank 0's checkpoint write fails (an OSError, as on a full disk) where rank 1 would go on
+    into the next step's collective: both processes exit by themselves within 30 s of the fault,
+    with a non-zero code, each naming the error in one line. The process group has the recipe's
+    timeout.
+
+    The ranks are launched directly, not by torchrun, whose agent stops the remaining workers
+    once one has exited: here how each process ends is its own doing."""
+    import time
+
+    from tests.test_lm_job import tiny_teacher
+
+    tiny_teacher(str(tmp_path / "teacher"))
+    recipe = _recipe(str(tmp_path / "teacher"), str(tmp_path / "run"))
+    recipe["train"]["checkpoint_every"] = 2  # the first write, after gate step 2 of 6, fails
+    recipe["distributed"] = {"timeout_s": 90}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    port = str(_free_port())
+    procs, files = [], []
+    for rank in range(2):
+        env = _env()
+        env.update(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+        )
+        out = open(tmp_path / f"rank{rank}.out", "w")  # noqa: SIM115 - closed below
+        err = open(tmp_path / f"rank{rank}.err", "w")  # noqa: SIM115
+        files += [out, err]
+        cmd = [
+            sys.executable,
+            "tests/dist_worker.py",
+            "optimize_failing_checkpoint",
+            str(tmp_path),
+            str(path),
+        ]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err))
+    fault_file = tmp_path / "fault.json"
+    ended: dict[int, float] = {}
+    start = time.monotonic()
+    try:
+        while len(ended) < 2 and time.monotonic() - start < 300:
+            for r, p in enumerate(procs):
+                if r not in ended and p.poll() is not None:
+                    ended[r] = time.time()
+            if fault_file.exists() and time.time() - json.loads(fault_file.read_text())["time"] > 40:
+                break  # far past the bound: a rank is left waiting
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for f in files:
+            f.close()
+    errs = [(tmp_path / f"rank{r}.err").read_text() for r in range(2)]
+    assert fault_file.exists(), errs[0][-3000:]
+    fault = json.loads(fault_file.read_text())
+    assert fault["timeout_s"] == 90  # distributed.timeout_s reached the process group
+    line = "OSError: [Errno 28] No space left on device (injected checkpoint fault)"
+    for r, p in enumerate(procs):
+        assert r in ended, f"rank {r} still running 40 s after the fault: {errs[r][-3000:]}"
+        exit_s = ended[r] - fault["time"]
+        assert exit_s < 30, f"rank {r} exited {exit_s:.1f} s after the fault"
+        assert p.returncode != 0
+        # the traceback ends with it (torch prefixes the lines of a rank with "[rank<r>]: ")
+        assert sum(ln.endswith(line) for ln in errs[r].splitlines()) == 1, errs[r][-3000:]
+    # the run failed before its first checkpoint: nothing is left behind
+    assert not (tmp_path / "run.partial").exists() and not (tmp_path / "run").exists()

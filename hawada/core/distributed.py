@@ -4,14 +4,18 @@ Every rank holds the whole gated student and the teacher; each step every rank t
 slice of the same global batch, DDP averages the gradients (weights AND gate logits), so the
 gates, lambda and the proxy stay identical on every rank — :func:`check_replicated` verifies
 that rather than assuming it. Latency is measured on rank 0 only (the other ranks wait) and the
-result is broadcast; rank 0 alone writes files. Only torch.distributed collectives are used.
+result is broadcast; rank 0 alone writes files. Rank 0's own work goes through :func:`on_main`
+or :func:`main_only`, which raise its failure on every rank. Only torch.distributed collectives
+are used.
 
 With one process (no ``WORLD_SIZE`` > 1 in the environment) every helper here is a no-op.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
+import pickle
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -56,11 +60,13 @@ class DistEnv:
 SINGLE = DistEnv()
 
 
-def init_from_env(device: str) -> DistEnv:
+def init_from_env(device: str, timeout_s: float | None = None) -> DistEnv:
     """Join the process group ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1).
 
     Backend: gloo for CPU, nccl for CUDA; on CUDA each process uses ``cuda:LOCAL_RANK``.
-    Returns :data:`SINGLE` when not launched with several processes.
+    ``timeout_s``: how long a collective may wait for the other ranks before it fails (the
+    recipe's ``distributed.timeout_s``; None: torch's default). Returns :data:`SINGLE` when not
+    launched with several processes.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 and not dist.is_initialized():
@@ -72,7 +78,8 @@ def init_from_env(device: str) -> DistEnv:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
             torch.cuda.set_device(local)
-        dist.init_process_group(backend)
+        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend, timeout=timeout)
         owns = True
     return DistEnv(dist.get_rank(), dist.get_world_size(), local, dist.get_backend(), owns)
 
@@ -119,30 +126,97 @@ def broadcast_tensors(tensors: Iterable[torch.Tensor], env: DistEnv, src: int = 
 def on_main(env: DistEnv, fn: Callable[[], T]) -> T:
     """Run ``fn`` on rank 0 and give its result to every rank.
 
-    An exception on rank 0 is re-raised on every rank (same type when it can be rebuilt from
-    its message), so no rank is left waiting in a collective.
+    A failure on rank 0, ``BaseException`` included (KeyboardInterrupt, SystemExit), is sent to
+    the other ranks and raised there too (same type and message whenever the exception can be
+    rebuilt there, else a RuntimeError naming its type); rank 0 re-raises its own exception
+    object. So no rank is left waiting in a collective behind rank 0's work (docs/DESIGN.md,
+    "Failure"). A result that cannot be pickled is a TypeError on every rank.
     """
     if not env.enabled:
         return fn()
-    payload: tuple[str, Any]
     if env.is_main:
         try:
-            payload = ("ok", fn())
-        except Exception as e:  # forwarded, then re-raised here too
-            payload = ("err", (type(e), str(e)))
-            broadcast_object(payload, env)
+            value = fn()
+            blob = _dumps(("ok", value))
+        except BaseException as e:
+            _send_error(e, env)
             raise
-    else:
-        payload = ("", None)
-    payload = broadcast_object(payload, env)
-    if payload[0] == "err":
-        cls, msg = payload[1]
+        broadcast_object(blob, env)
+        return value
+    kind, body = pickle.loads(broadcast_object(b"", env))
+    if kind == "err":
+        raise _rebuild_error(body)
+    return body
+
+
+def main_only(env: DistEnv, fn: Callable[[], T]) -> T | None:
+    """Run ``fn`` on rank 0 only; its result stays there (None on the other ranks).
+
+    For rank-0 side effects that the other ranks must not run past unnoticed (checkpoint and
+    metrics writes): every rank calls it, one all-reduce tells them whether rank 0 failed, and a
+    failure is raised on every rank as by :func:`on_main`. Nothing is pickled when ``fn``
+    succeeds, so its result may be anything (e.g. an open file).
+    """
+    if not env.enabled:
+        return fn()
+    value = None
+    if env.is_main:
         try:
-            err = cls(msg)
+            value = fn()
+        except BaseException as e:
+            _send_error(e, env, announce=True)
+            raise
+    if any_rank(False, env):  # True only when rank 0 announced a failure
+        _, body = pickle.loads(broadcast_object(b"", env))
+        raise _rebuild_error(body)
+    return value
+
+
+def _dumps(obj: Any) -> bytes:
+    try:
+        return pickle.dumps(obj)
+    except Exception as e:
+        raise TypeError(f"rank 0's result cannot be sent to the other ranks ({type(e).__name__}: {e})") from e
+
+
+def _error_blob(e: BaseException) -> bytes:
+    """``e`` as the other ranks can raise it: the exception itself when it survives a pickle
+    round trip (attributes such as an OSError's errno kept), else its type and message, else a
+    RuntimeError naming its type."""
+    for payload in (e, (type(e), str(e))):
+        try:
+            blob = pickle.dumps(("err", payload))
+            # an __init__ whose signature differs from the exception's args, or a class defined
+            # inside a function, fails here rather than on the receiving ranks
+            pickle.loads(blob)
+            return blob
         except Exception:
-            err = RuntimeError(msg)
-        raise err
-    return payload[1]
+            continue
+    return pickle.dumps(("err", (RuntimeError, f"{type(e).__qualname__}: {e}")))
+
+
+def _send_error(e: BaseException, env: DistEnv, announce: bool = False) -> None:
+    """Rank 0: tell the other ranks that its work failed with ``e`` (``announce``: first answer
+    the all-reduce they wait in, see :func:`main_only`)."""
+    try:
+        if announce:
+            any_rank(True, env)
+        broadcast_object(_error_blob(e), env)
+    except Exception:
+        # the group is already broken (another rank is gone): rank 0 raises ``e`` all the same,
+        # the error to report rather than the failed send
+        pass
+
+
+def _rebuild_error(body: Any) -> BaseException:
+    """The exception a receiving rank raises for rank 0's (see :func:`_error_blob`)."""
+    if isinstance(body, BaseException):
+        return body
+    cls, msg = body
+    try:
+        return cls(msg)
+    except Exception:  # a constructor that does not take one message
+        return RuntimeError(f"{cls.__qualname__}: {msg}")
 
 
 def barrier(env: DistEnv) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from hawada.core.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
-from hawada.core.distributed import fully_shard_layers, on_main
+from hawada.core.distributed import fully_shard_layers, main_only, on_main
 from hawada.core.export import ExportPolicy, export
 from hawada.core.profiler import measure_pooled
 from hawada.core.proxy_cost import LatencyProxy
@@ -138,20 +138,26 @@ def train_gates(ctx: RunContext, setup: Setup, proxy: LatencyProxy, calib: list,
         ck_t, ck, ck_path = load_checkpoint(ctx.paths.checkpoints)
         trainer.load_state(ck_t, ck)
         ctx.log(f"resuming gate training after step {trainer.step_idx} from {ck_path}")
-    metrics = open_metrics(ctx.paths, trainer.history, env.is_main)
+    # rank 0 alone writes the metrics and checkpoints; the others would run on into the next
+    # step's collective past a failed write, so each write tells every rank how it went
+    metrics = main_only(env, lambda: open_metrics(ctx.paths, trainer.history, True)) or NoLog()
 
     def write_checkpoint(t: LagrangeTrainer) -> str:
-        if not env.is_main and not t.sharded:  # every rank holds the same state: rank 0 writes it
-            return ""
-        tensors, js = t.state()  # sharded: a collective gather of the whole tensors
-        return save_checkpoint(ctx.paths.checkpoints, t.step_idx, tensors, js) if env.is_main else ""
+        # sharded: every rank takes part in gathering the whole tensors; else rank 0 reads its own
+        whole = t.state() if t.sharded else None
+
+        def write() -> str:
+            tensors, js = whole if whole is not None else t.state()
+            return save_checkpoint(ctx.paths.checkpoints, t.step_idx, tensors, js)
+
+        return on_main(env, write)
 
     try:
         with SignalFlag() as flag:
             try:
                 history = trainer.fit(
                     ctx.train_loader,
-                    on_step=lambda rec: metrics.write("gates", rec),
+                    on_step=lambda rec: main_only(env, lambda: metrics.write("gates", rec)),
                     checkpoint=write_checkpoint,
                     should_stop=lambda: flag.signum is not None,
                 )

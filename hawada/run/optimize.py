@@ -32,7 +32,7 @@ def optimize(recipe: Recipe, log: Log = print, resume: bool = False) -> dict:
     data-parallel (see :mod:`hawada.core.distributed`); rank 0 alone measures latency and
     writes files, and every rank returns the same report.
     """
-    env = init_from_env(recipe.device)
+    env = init_from_env(recipe.device, recipe.distributed.timeout_s)
     paths = RunPaths.of(recipe.output.dir)
     was_det = torch.are_deterministic_algorithms_enabled()
     try:
