@@ -74,15 +74,17 @@ class CostTerm:
     spec: dict = field(default_factory=dict)
 
 
-def _build_op(op: str, spec: dict, widths: Sequence[int]) -> tuple[Callable, tuple]:
-    """A module (or function) of one op at the given widths, with an example input.
+def _build_op(
+    op: str, spec: dict, widths: Sequence[int], dtype: torch.dtype = torch.float32
+) -> tuple[Callable, tuple]:
+    """A module (or function) of one op at the given widths, with an example input, in ``dtype``.
 
     ``spec["repeat"]`` > 1 runs the op that many times per call (e.g. the decode steps of a
     prefill + decode mix).
     """
     rep = int(spec.get("repeat", 1))
     if rep > 1:
-        fn, args = _build_op(op, {k: v for k, v in spec.items() if k != "repeat"}, widths)
+        fn, args = _build_op(op, {k: v for k, v in spec.items() if k != "repeat"}, widths, dtype)
 
         def repeated(*a):
             for _ in range(rep):
@@ -90,6 +92,14 @@ def _build_op(op: str, spec: dict, widths: Sequence[int]) -> tuple[Callable, tup
             return out
 
         return repeated, args
+    fn, args = _build_op_fp32(op, spec, widths)
+    # the table times the op in the dtype the model computes in (bf16 and fp32 kernels differ)
+    if isinstance(fn, nn.Module):
+        fn = fn.to(dtype)
+    return fn, tuple(a.to(dtype) for a in args)
+
+
+def _build_op_fp32(op: str, spec: dict, widths: Sequence[int]) -> tuple[Callable, tuple]:
     # ``in_mult``/``out_mult``: elements per unit (e.g. head_dim when a dim counts heads).
     if op in ("conv2d", "linear"):
         widths = (widths[0] * spec.get("in_mult", 1), widths[1] * spec.get("out_mult", 1))
@@ -257,8 +267,10 @@ class LatencyProxy(nn.Module):
         repeats: int = 5,
         budget_s: float = 0.3,
         progress: Callable[[int, int], None] | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> int:
-        """Measure every term's op at the grid of widths on ``device``; returns ops timed.
+        """Measure every term's op at the grid of widths on ``device`` in ``dtype`` (the model's
+        parameter dtype); returns ops timed.
 
         Identical (op, spec, widths) are timed once. A zero width costs zero.
         """
@@ -281,7 +293,7 @@ class LatencyProxy(nn.Module):
         done = 0
         for key in sorted(todo, key=str):
             op, spec, w = key
-            mod, inputs = _build_op(op, dict(spec), w)
+            mod, inputs = _build_op(op, dict(spec), w, dtype)
             if isinstance(mod, nn.Module):
                 mod = mod.to(device)
             res = measure_latency_ms(
