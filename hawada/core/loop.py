@@ -15,7 +15,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from hawada.core.distributed import SINGLE, DistEnv, ShardedBatches, any_rank, local_grads_finite
+from hawada.core.distributed import (
+    SINGLE,
+    DistEnv,
+    ShardedBatches,
+    any_rank,
+    full_tensor,
+    local_grads_finite,
+    reshard_like,
+)
 
 
 class NonFiniteError(ValueError):
@@ -230,6 +238,25 @@ class MasterWeights:
         """Set the masters to the model's current values (e.g. weights loaded without masters)."""
         for p, m in self.pairs:
             m.copy_(p)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """``{"master.{i}": whole fp32 tensor}`` (a sharded master is gathered: a collective)."""
+        return {f"master.{i}": full_tensor(m).detach() for i, m in enumerate(self.masters)}
+
+    @torch.no_grad()
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The masters from :meth:`state`'s tensors (re-sharded like the masters); from the
+        model's weights when ``tensors`` has none (what was below their precision is lost then)."""
+        masters = self.masters
+        if not masters or "master.0" not in tensors:
+            self.from_model()
+            return
+        if f"master.{len(masters) - 1}" not in tensors or f"master.{len(masters)}" in tensors:
+            raise ValueError(
+                f"checkpoint holds a different number of master weights than the model's {len(masters)}"
+            )
+        for i, m in enumerate(masters):
+            m.copy_(reshard_like(tensors[f"master.{i}"], m))
 
 
 class Progress:

@@ -39,12 +39,10 @@ from hawada.core.distributed import (
     data_parallel,
     full_optimizer_state,
     full_state_dict,
-    full_tensor,
     is_sharded,
     load_full_state_dict,
     mean_over_ranks,
     on_main,
-    reshard_like,
     reshard_optimizer_state,
     sync_replicated_grads,
 )
@@ -391,8 +389,7 @@ class LagrangeTrainer:
         tensors = {f"student.{k}": v for k, v in sd.items()}
         tensors.update({f"proxy.{k}": v for k, v in self.proxy.state_dict().items()})
         tensors["lam"] = self.lam
-        for i, m in enumerate(self.master.masters):  # collective if sharded, in the same order
-            tensors[f"master.{i}"] = full_tensor(m).detach() if self.sharded else m.detach()
+        tensors.update(self.master.state())  # collective if sharded
         js: dict[str, Any] = {}
         for name, opt in (("opt_w", self.opt_w), ("opt_g", self.opt_g)):
             if opt is not None:
@@ -431,7 +428,7 @@ class LagrangeTrainer:
             load_full_state_dict(self.student, sub("student."))
         else:
             self.student.load_state_dict(sub("student."), strict=True)
-        self._load_masters(tensors)
+        self.master.load(tensors)
         self.proxy.load_state_dict(sub("proxy."), strict=True)
         self.proxy.calibration = js["proxy_calibration"]
         if hasattr(self.proxy, "table_measured"):
@@ -455,21 +452,6 @@ class LagrangeTrainer:
         self.start_ms, self.last_real_ms = js["start_ms"], js["last_real_ms"]
         self.history = list(js["history"])
         self._pending_rng = ({k: v for k, v in tensors.items() if k.startswith("rng.")}, js["rng"])
-
-    @torch.no_grad()
-    def _load_masters(self, tensors: dict[str, torch.Tensor]) -> None:
-        """The fp32 masters from ``tensors`` (``master.{i}``, whole tensors); from the loaded
-        weights when the checkpoint has none (they then lose what was below the weights' precision)."""
-        masters = self.master.masters
-        if not masters or "master.0" not in tensors:
-            self.master.from_model()
-            return
-        if f"master.{len(masters) - 1}" not in tensors or f"master.{len(masters)}" in tensors:
-            raise ValueError(
-                f"checkpoint holds a different number of master weights than the student's {len(masters)}"
-            )
-        for i, m in enumerate(masters):
-            m.copy_(reshard_like(tensors[f"master.{i}"], m))
 
     def _epoch_iter(self, loader: Iterable) -> Iterator:
         """An iterator over ``loader`` at the data position (epoch, batch_pos)."""
