@@ -165,13 +165,13 @@ def trainer_nan(env) -> dict:
     }
 
 
-def fsdp_resume(env) -> dict:
-    """A sharded (FSDP2) student: 3 steps, checkpoint state, 3 more steps; a second sharded
-    trainer restored from that state makes the same 3 steps exactly."""
+def fsdp_resume(env, dtype: torch.dtype = torch.float32) -> dict:
+    """A sharded (FSDP2) student in ``dtype``: 3 steps, checkpoint state, 3 more steps; a second
+    sharded trainer restored from that state makes the same 3 steps exactly."""
     import transformers
 
     from hawada.core.checkpoint import set_rng_state
-    from hawada.core.distributed import full_state_dict, fully_shard_layers
+    from hawada.core.distributed import full_state_dict, full_tensor, fully_shard_layers, is_dtensor
 
     def build():
         torch.manual_seed(0)
@@ -185,7 +185,7 @@ def fsdp_resume(env) -> dict:
             head_dim=8,
             max_position_embeddings=32,
         )
-        teacher = transformers.LlamaForCausalLM(cfg).eval()
+        teacher = transformers.LlamaForCausalLM(cfg).to(dtype).eval()
         student = hawada.attach(copy.deepcopy(teacher), hawada.GateConfig(group_size={"ffn": 8}))
         adapter = get_adapter("hf_decoder")
         store = hawada.gates(student)
@@ -203,6 +203,7 @@ def fsdp_resume(env) -> dict:
         return tr, batch
 
     tr, batch = build()
+    start = [full_tensor(p).float().clone() for p in tr.master.params]
     mine = next(iter(ShardedBatches([batch], env)))
     for _ in range(3):
         tr.step(mine)
@@ -218,7 +219,14 @@ def fsdp_resume(env) -> dict:
     for _ in range(3):
         tr2.step(mine)
     b = full_state_dict(tr2.student)
+    end = [full_tensor(p).float() for p in tr.master.params]
+    n = sum(x.numel() for x in start)
+    low = [p for p in tr.weights if p.dtype != torch.float32]
     return {
+        "weight_dtype": str(low[0].dtype) if low else "torch.float32",
+        "masters_sharded": any(is_dtensor(m) for m in tr.master.masters),
+        "master_dtype": str(tr.master.params[0].dtype),
+        "changed": sum(int((x != y).sum()) for x, y in zip(start, end)) / n,
         "rank": env.rank,
         "sharded": tr.sharded,
         "whole_logits_in_state": list(tensors["student.hawada_gates.logits"].shape),
@@ -259,9 +267,12 @@ def main() -> None:
         raise SystemExit(optimize_failing_checkpoint(out, sys.argv[3]))
     env = init_from_env("cpu")
     try:
-        res = {"collectives": collectives, "trainer_nan": trainer_nan, "fsdp_resume": fsdp_resume}[scenario](
-            env
-        )
+        res = {
+            "collectives": collectives,
+            "trainer_nan": trainer_nan,
+            "fsdp_resume": fsdp_resume,
+            "fsdp_resume_bf16": lambda e: fsdp_resume(e, torch.bfloat16),
+        }[scenario](env)
         barrier(env)
     finally:
         shutdown(env)

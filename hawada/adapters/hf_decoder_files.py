@@ -4,9 +4,11 @@ layout, the ``trust_remote_code`` modeling file written beside the weights)."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -271,6 +273,25 @@ def _state_dict_from(path: str) -> dict[str, torch.Tensor]:
     return load_file(single)
 
 
+def _saved_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    """The floating dtype most saved weights (by element count) have; fp32 when none is floating."""
+    counts: dict[torch.dtype, int] = {}
+    for t in state.values():
+        if t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return max(counts, key=counts.__getitem__) if counts else torch.float32
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(prev)
+
+
 def load_decoder(path: str) -> nn.Module:
     """Load a folder written by :func:`save_decoder` with stock transformers classes."""
     import transformers
@@ -283,10 +304,13 @@ def load_decoder(path: str) -> nn.Module:
         raise ValueError(f"{path}: architecture {lay['arch']!r} is not one the hf_decoder family loads")
     if hasattr(cfg, "auto_map"):
         del cfg.auto_map
-    model = cls(cfg)
-    if not _is_uniform(lay["layers"]):
-        apply_layout(model, lay["layers"])
     state = _state_dict_from(path)
+    # built in the dtype the weights were saved in, as from_pretrained does: a bf16 slim model
+    # loads as bf16, and buffers the modeling code keeps in fp32 (RoPE frequencies) stay fp32
+    with _default_dtype(_saved_dtype(state)):
+        model = cls(cfg)
+        if not _is_uniform(lay["layers"]):
+            apply_layout(model, lay["layers"])
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if lay.get("tie_word_embeddings") else set()
     if set(missing) - tied or unexpected:

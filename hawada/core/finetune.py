@@ -13,7 +13,7 @@ from torch import nn
 
 from hawada.core.distill import KDConfig, kd_outputs_of, student_teacher_loss
 from hawada.core.distributed import SINGLE, DistEnv, data_parallel, on_main
-from hawada.core.loop import Progress, StepGuard, cycle, to_device
+from hawada.core.loop import MasterWeights, Progress, StepGuard, cycle, to_device
 from hawada.core.protocol import AdapterLike
 from hawada.core.schema import check_fields, knob
 
@@ -93,6 +93,8 @@ def finetune_student(
     :class:`NonFiniteError` naming the step. Data-parallel (``env``):
     ``loader`` yields this rank's slice of each batch, DDP averages the gradients, and the
     evaluation runs on rank 0 with its score broadcast (every rank keeps the same weights).
+    bf16/fp16 weights are trained through fp32 masters (:class:`~hawada.core.loop.MasterWeights`):
+    AdamW steps the masters and the model holds them rounded after each applied step.
     """
     cfg, kd = cfg or FinetuneConfig(), kd or KDConfig()
     device = next(student.parameters()).device
@@ -116,24 +118,25 @@ def finetune_student(
 
     consider(0)
     if cfg.steps > 0:
-        opt = torch.optim.AdamW(
-            [p for p in student.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
-        )
+        params = [p for p in student.parameters() if p.requires_grad]
+        master = MasterWeights(params)  # what AdamW steps: fp32 masters of bf16/fp16 weights
+        opt = torch.optim.AdamW(master.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.steps))
         hidden = kd.alpha_hidden > 0
         fwd = data_parallel(student, lambda m, b: kd_outputs_of(adapter, m, b, hidden), env)
         it = cycle(loader)
         bar = Progress(cfg.progress, cfg.steps, "finetune", env=env)
-        params = [p for p in student.parameters() if p.requires_grad]
         guard = StepGuard(student, [opt], "finetune", cfg.max_bad_steps, env)
 
         def body(batch: Any, out: dict[str, torch.Tensor]) -> bool:
             out["loss"] = student_teacher_loss(adapter, student, teacher, batch, kd, student_forward=fwd)
             if not guard.backward(out["loss"], params):
                 return False
+            master.grads_to_master()
             if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(master.params, cfg.grad_clip)
             opt.step()
+            master.to_model()
             sched.step()
             return True
 

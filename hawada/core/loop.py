@@ -1,5 +1,5 @@
 """What gate training and fine-tuning share: batches on the device and in a seeded order, a
-guarded step, progress.
+guarded step, fp32 master weights of low-precision parameters, progress.
 
 A step can meet a non-finite loss or gradient (a bad batch, an fp16 overflow). :class:`StepGuard`
 makes such a step change nothing (no optimizer update, BatchNorm statistics restored), decides it
@@ -15,7 +15,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from hawada.core.distributed import SINGLE, DistEnv, ShardedBatches, any_rank, local_grads_finite
+from hawada.core.distributed import (
+    SINGLE,
+    DistEnv,
+    ShardedBatches,
+    any_rank,
+    full_tensor,
+    local_grads_finite,
+    reshard_like,
+)
 
 
 class NonFiniteError(ValueError):
@@ -112,6 +120,9 @@ class StepGuard:
     def zero_grad(self) -> None:
         for o in self.optimizers:
             o.zero_grad(set_to_none=True)
+        # the model's own gradients too: a low-precision parameter is in no optimizer (its fp32
+        # master is, see MasterWeights), and a skipped step must not leave its gradient to add up
+        self.model.zero_grad(set_to_none=True)
 
     def backward(
         self,
@@ -169,6 +180,83 @@ class StepGuard:
             f"{self.phase}: {self.in_row} non-finite steps in a row (loss or gradient), "
             f"the last at step {step}{where}"
         )
+
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class MasterWeights:
+    """fp32 master copies of the low-precision (bf16, fp16) parameters an optimizer trains.
+
+    An optimizer stepping bf16 weights directly loses every update smaller than half a unit in
+    the last place of the weight (bf16 keeps 8 significant bits: the neighbours of a weight of
+    0.02 are 2**-13 ~ 1.2e-4 away, and an Adam update is about lr in size, so at lr 2e-5 it
+    rounds back to the old value for every weight but the smallest ones). The
+    optimizer is given :attr:`params` instead, in which each bf16/fp16 parameter is replaced by
+    an fp32 copy; fp32 and fp64 parameters are their own master, so for an fp32 model
+    :attr:`params` is the list it was given and every method below does nothing.
+
+    One step: backward fills the model parameters' gradients (in the model's dtype; the forward
+    and backward run in it); :meth:`grads_to_master` moves them, as fp32, to the masters; the
+    optimizer (and gradient clipping, and fp16 loss-scale unscaling, which refuses fp16
+    gradients) works on the masters; :meth:`to_model` writes the masters back into the model,
+    rounded to nearest. The model's weights are therefore always the rounded masters. A sharded
+    (FSDP2 DTensor) parameter gets a DTensor master with the same placements.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor]) -> None:
+        self.model_params = list(params)
+        self.pairs: list[tuple[torch.Tensor, nn.Parameter]] = []
+        self.params: list[torch.Tensor] = []
+        for p in self.model_params:
+            if p.dtype in LOW_PRECISION:
+                m = nn.Parameter(p.detach().to(torch.float32), requires_grad=p.requires_grad)
+                self.pairs.append((p, m))
+                self.params.append(m)
+            else:
+                self.params.append(p)
+
+    @property
+    def masters(self) -> list[nn.Parameter]:
+        """The fp32 masters of the low-precision parameters, in parameter order."""
+        return [m for _, m in self.pairs]
+
+    def grads_to_master(self) -> None:
+        """Move each low-precision gradient to its master as fp32 (the model's is dropped)."""
+        for p, m in self.pairs:
+            m.grad = None if p.grad is None else p.grad.to(torch.float32)
+            p.grad = None
+
+    @torch.no_grad()
+    def to_model(self) -> None:
+        """Write the masters into the model's parameters, rounded to the parameters' dtype."""
+        for p, m in self.pairs:
+            p.copy_(m)
+
+    @torch.no_grad()
+    def from_model(self) -> None:
+        """Set the masters to the model's current values (e.g. weights loaded without masters)."""
+        for p, m in self.pairs:
+            m.copy_(p)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """``{"master.{i}": whole fp32 tensor}`` (a sharded master is gathered: a collective)."""
+        return {f"master.{i}": full_tensor(m).detach() for i, m in enumerate(self.masters)}
+
+    @torch.no_grad()
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The masters from :meth:`state`'s tensors (re-sharded like the masters); from the
+        model's weights when ``tensors`` has none (what was below their precision is lost then)."""
+        masters = self.masters
+        if not masters or "master.0" not in tensors:
+            self.from_model()
+            return
+        if f"master.{len(masters) - 1}" not in tensors or f"master.{len(masters)}" in tensors:
+            raise ValueError(
+                f"checkpoint holds a different number of master weights than the model's {len(masters)}"
+            )
+        for i, m in enumerate(masters):
+            m.copy_(reshard_like(tensors[f"master.{i}"], m))
 
 
 class Progress:

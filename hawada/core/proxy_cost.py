@@ -74,15 +74,17 @@ class CostTerm:
     spec: dict = field(default_factory=dict)
 
 
-def _build_op(op: str, spec: dict, widths: Sequence[int]) -> tuple[Callable, tuple]:
-    """A module (or function) of one op at the given widths, with an example input.
+def _build_op(
+    op: str, spec: dict, widths: Sequence[int], dtype: torch.dtype = torch.float32
+) -> tuple[Callable, tuple]:
+    """A module (or function) of one op at the given widths, with an example input, in ``dtype``.
 
     ``spec["repeat"]`` > 1 runs the op that many times per call (e.g. the decode steps of a
     prefill + decode mix).
     """
     rep = int(spec.get("repeat", 1))
     if rep > 1:
-        fn, args = _build_op(op, {k: v for k, v in spec.items() if k != "repeat"}, widths)
+        fn, args = _build_op(op, {k: v for k, v in spec.items() if k != "repeat"}, widths, dtype)
 
         def repeated(*a):
             for _ in range(rep):
@@ -90,6 +92,14 @@ def _build_op(op: str, spec: dict, widths: Sequence[int]) -> tuple[Callable, tup
             return out
 
         return repeated, args
+    fn, args = _build_op_fp32(op, spec, widths)
+    # the table times the op in the dtype the model computes in (bf16 and fp32 kernels differ)
+    if isinstance(fn, nn.Module):
+        fn = fn.to(dtype)
+    return fn, tuple(a.to(dtype) for a in args)
+
+
+def _build_op_fp32(op: str, spec: dict, widths: Sequence[int]) -> tuple[Callable, tuple]:
     # ``in_mult``/``out_mult``: elements per unit (e.g. head_dim when a dim counts heads).
     if op in ("conv2d", "linear"):
         widths = (widths[0] * spec.get("in_mult", 1), widths[1] * spec.get("out_mult", 1))
@@ -286,9 +296,11 @@ class LatencyProxy(nn.Module):
         repeats: int = 5,
         budget_s: float = 0.3,
         progress: Callable[[int, int], None] | None = None,
+        dtype: torch.dtype = torch.float32,
         time_op: Callable[[str, dict, tuple[int, ...]], float] | None = None,
     ) -> int:
-        """Measure every term's op at the grid of widths on ``device``; returns ops timed.
+        """Measure every term's op at the grid of widths on ``device`` in ``dtype`` (the model's
+        parameter dtype); returns ops timed.
 
         Identical (op, spec, widths) are timed once. A zero width costs zero. ``time_op(op, spec,
         widths) -> ms`` replaces the measurement (default: build the op and time it on ``device``).
@@ -315,7 +327,7 @@ class LatencyProxy(nn.Module):
             if time_op is not None:
                 cache[key] = float(time_op(op, dict(spec), w))
             else:
-                cache[key] = _time_op(op, dict(spec), w, device, repeats, budget_s)
+                cache[key] = _time_op(op, dict(spec), w, device, repeats, budget_s, dtype)
             done += 1
             if progress:
                 progress(done, len(todo))

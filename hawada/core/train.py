@@ -8,6 +8,10 @@ Penalties and the latency term depend only on the gate logits, so the weights' g
 is exactly the KD gradient and one backward serves both optimizers. ``alternating=True``
 keeps the two-pass step (weights from KD, then gates from the full objective on a new forward).
 lambda follows projected dual ascent: lambda <- clip(lambda + lr * violation, 0, lambda_max).
+
+A bf16/fp16 student's weights are trained through fp32 master copies
+(:class:`~hawada.core.loop.MasterWeights`): the forward and backward run in the model's dtype,
+AdamW steps the masters, and the model holds the masters rounded after each applied step.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from hawada.core.distributed import (
 )
 from hawada.core.export import ExportPolicy, adapter_of, export, store_of
 from hawada.core.gates import PenaltyWeights, combined_penalty, project_gates_into_constraints
-from hawada.core.loop import NonFiniteError, Progress, StepGuard, reseed_loader, to_device
+from hawada.core.loop import MasterWeights, NonFiniteError, Progress, StepGuard, reseed_loader, to_device
 from hawada.core.profiler import Meter
 from hawada.core.proxy_cost import LatencyProxy
 from hawada.core.schema import check_fields, knob
@@ -143,6 +147,9 @@ class LagrangeTrainer:
         env: the data-parallel job this process belongs to (default: a single process).
         materialize: sharded students: a collective call returning an unsharded copy of the
             gated student with the current weights (what probes export).
+
+    Low-precision (bf16/fp16) weights: AdamW steps their fp32 masters (``self.master``); the
+    masters are part of :meth:`state`, so a resume continues from the same fp32 values.
     """
 
     def __init__(
@@ -173,11 +180,13 @@ class LagrangeTrainer:
         self.device = self.store.logits.device
         gate_ids = {id(self.store.logits)}
         self.weights = [p for p in student.parameters() if p.requires_grad and id(p) not in gate_ids]
+        # what AdamW steps: fp32 masters of bf16/fp16 weights, the weights themselves otherwise
+        self.master = MasterWeights(self.weights)
         # foreach kernels refuse lists mixing DTensors and plain tensors (sharded students)
         fe = False if self.sharded else None
         self.opt_w = (
             torch.optim.AdamW(
-                self.weights, lr=self.cfg.lr_weights, weight_decay=self.cfg.weight_decay, foreach=fe
+                self.master.params, lr=self.cfg.lr_weights, weight_decay=self.cfg.weight_decay, foreach=fe
             )
             if self.weights and self.cfg.lr_weights > 0
             else None
@@ -272,6 +281,15 @@ class LagrangeTrainer:
                 torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         self.scaler.step(opt)
 
+    def _step_weights(self) -> None:
+        """Step the weights' optimizer on their fp32 masters, then round the masters into the model."""
+        if self.opt_w is None:
+            return
+        self.master.grads_to_master()
+        self._step_opt(self.opt_w, self.master.params)
+        # after a step the fp16 scaler skipped the masters are unchanged: so is the model then
+        self.master.to_model()
+
     # ------------------------------------------------------------------ one step
     def step(self, batch: Any) -> dict:
         """One training step on ``batch``; returns its metrics."""
@@ -290,14 +308,14 @@ class LagrangeTrainer:
                 if not ok:
                     terms.update(zip(("kd", "pen", "lat", "proxy_ms"), (kd_w, *self._gate_terms(target))))
                     return False
-                self._step_opt(self.opt_w, self.weights)
+                self._step_weights()
                 if self.opt_w is not None:
                     self.opt_w.zero_grad(set_to_none=True)
             terms.update(zip(("kd", "pen", "lat", "proxy_ms"), (self._kd(batch), *self._gate_terms(target))))
             if not self._backward(terms["kd"] + terms["pen"] + terms["lat"]):
                 return False
             if not cfg.alternating:
-                self._step_opt(self.opt_w, self.weights)
+                self._step_weights()
             self._step_opt(self.opt_g, [self.store.logits])
             return True
 
@@ -371,6 +389,7 @@ class LagrangeTrainer:
         tensors = {f"student.{k}": v for k, v in sd.items()}
         tensors.update({f"proxy.{k}": v for k, v in self.proxy.state_dict().items()})
         tensors["lam"] = self.lam
+        tensors.update(self.master.state())  # collective if sharded
         js: dict[str, Any] = {}
         for name, opt in (("opt_w", self.opt_w), ("opt_g", self.opt_g)):
             if opt is not None:
@@ -409,6 +428,7 @@ class LagrangeTrainer:
             load_full_state_dict(self.student, sub("student."))
         else:
             self.student.load_state_dict(sub("student."), strict=True)
+        self.master.load(tensors)
         self.proxy.load_state_dict(sub("proxy."), strict=True)
         self.proxy.calibration = js["proxy_calibration"]
         if hasattr(self.proxy, "table_measured"):

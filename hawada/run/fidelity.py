@@ -12,7 +12,7 @@ from torch import nn
 
 from hawada.config import Recipe
 from hawada.core.calibrate import calibration_logits, measure_subarchs, random_logits
-from hawada.core.export import store_of
+from hawada.core.export import compute_dtype, store_of
 from hawada.core.profiler import Meter, environment_info
 from hawada.core.proxy_cost import LatencyProxy, mape, spearman
 
@@ -41,7 +41,11 @@ def proxy_fidelity(
     for mode in modes:
         t0 = time.perf_counter()
         proxy = LatencyProxy(store, terms, mode=mode)
-        ops = proxy.measure_table(device=device, **(lut_kw or {})) if mode == "lut" else 0
+        ops = (
+            proxy.measure_table(device=device, dtype=compute_dtype(gated), **(lut_kw or {}))
+            if mode == "lut"
+            else 0
+        )
         fit = proxy.calibrate([w for w, _ in calib], [m for _, m in calib])
         with torch.no_grad():
             pred = [float(proxy(w.to(proxy.grid.device))) for w, _ in held]

@@ -12,7 +12,7 @@ import torch
 
 from hawada.core.calibrate import calibration_logits, measure_subarchs
 from hawada.core.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
-from hawada.core.export import ExportPolicy, export
+from hawada.core.export import ExportPolicy, compute_dtype, export
 from hawada.core.gates import GateStore
 from hawada.core.profiler import measure_pooled
 from hawada.core.proxy_cost import LatencyProxy
@@ -101,7 +101,9 @@ def measure_setup(ctx: RunContext) -> Setup:
     proxy = new_proxy(ctx)
     p = recipe.proxy
     if p.mode == "lut":
-        n_ops = proxy.measure_table(device=ctx.dev, repeats=p.lut_repeats, budget_s=p.lut_budget_s)
+        n_ops = proxy.measure_table(
+            device=ctx.dev, repeats=p.lut_repeats, budget_s=p.lut_budget_s, dtype=compute_dtype(ctx.student)
+        )
         ctx.log(f"proxy lookup table: {n_ops} ops timed")
     calib = measure_subarchs(
         ctx.student, calibration_logits(ctx.student, p.calib_points, recipe.seed), ctx.meter
