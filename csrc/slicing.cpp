@@ -142,6 +142,9 @@ void slice_many(const std::vector<at::Tensor>& srcs, const std::vector<std::opti
                     "slice_many: srcs, rows, cols and dsts must have the same length, got ", n, ", ",
                     rows.size(), ", ", cols.size(), ", ", dsts.size());
   if (n == 0) return;
+  // Everything below is C++ on tensors the caller keeps alive: other Python threads run while
+  // the indices are checked and the bytes are copied (an export can copy gigabytes).
+  pybind11::gil_scoped_release no_gil;
   const at::Device device = srcs[0].device();
   TORCH_CHECK_VALUE(device.is_cpu() || device.is_cuda(), "slice_many: tensors must be on CPU or CUDA, got ",
                     device);

@@ -63,6 +63,30 @@ namespace {
 void cuda_check(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "time_cuda_graph: ", what, ": ", cudaGetErrorString(err));
 }
+
+// Owns the events of one timing loop: every created event is destroyed when the loop leaves,
+// also when a failed check or a failed replay throws half-way. Events are created after the
+// object is complete (create_all), so its destructor runs even when a creation fails; slots
+// not yet created hold nullptr.
+class EventSet {
+ public:
+  explicit EventSet(size_t n) : ev_(n, nullptr) {}
+  ~EventSet() {
+    for (cudaEvent_t e : ev_)
+      if (e != nullptr) cudaEventDestroy(e);  // an event still queued is released once reached
+  }
+  EventSet(const EventSet&) = delete;
+  EventSet& operator=(const EventSet&) = delete;
+
+  void create_all() {
+    for (auto& e : ev_) cuda_check(cudaEventCreate(&e), "cudaEventCreate");
+  }
+  cudaEvent_t operator[](size_t i) const { return ev_[i]; }
+  cudaEvent_t back() const { return ev_.back(); }
+
+ private:
+  std::vector<cudaEvent_t> ev_;
+};
 }  // namespace
 
 // Milliseconds per replay of `graph` (a torch.cuda.CUDAGraph). Every replay is enqueued
@@ -74,11 +98,11 @@ std::vector<double> time_cuda_graph(py::object graph, int64_t repeats, int64_t f
   at::Tensor flush;
   if (flush_bytes > 0)
     flush = at::empty({flush_bytes}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA));
-  std::vector<cudaEvent_t> ev(2 * static_cast<size_t>(repeats), nullptr);
   std::vector<double> samples(static_cast<size_t>(repeats));
   {
     py::gil_scoped_release no_gil;
-    for (auto& e : ev) cuda_check(cudaEventCreate(&e), "cudaEventCreate");
+    EventSet ev(2 * static_cast<size_t>(repeats));  // destroyed before the GIL is taken back
+    ev.create_all();
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     for (int64_t i = 0; i < repeats; ++i) {
       if (flush_bytes > 0)
@@ -94,7 +118,6 @@ std::vector<double> time_cuda_graph(py::object graph, int64_t repeats, int64_t f
       cuda_check(cudaEventElapsedTime(&ms, ev[2 * i], ev[2 * i + 1]), "cudaEventElapsedTime");
       samples[i] = ms;
     }
-    for (auto& e : ev) cudaEventDestroy(e);
   }
   return samples;
 }

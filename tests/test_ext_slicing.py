@@ -1,5 +1,9 @@
 """slice_many (compiled extension) against the torch reference: bitwise, every dtype, every layout."""
 
+import math
+import threading
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -116,6 +120,52 @@ def test_fills_given_destinations_and_large_tensors(ext):
     assert res[0] is out[0] and res[1] is out[1]
     assert bitwise_equal(out[0], src[rows][:, cols])
     assert bitwise_equal(out[1], src[rows])
+
+
+def test_other_python_threads_run_while_it_copies(ext):
+    """The extension releases the GIL while it copies: a Python thread that stamps the clock every
+    millisecond keeps stamping in the middle of a long call. Were the GIL held, that thread could
+    run only in a switch interval (5 ms) before the call enters C++, or after it returns."""
+    big = torch.randn(2048, 2048, generator=torch.Generator().manual_seed(4))
+    src = big.t()  # column gathers 8 KiB apart: a slow, cache-missing copy
+    cols = torch.arange(2047, -1, -1)
+    dst = torch.empty(2048, 2048)
+    stamps: list[float] = []
+    stop = threading.Event()
+
+    def worker() -> None:
+        while not stop.is_set():
+            stamps.append(time.perf_counter())
+            time.sleep(0.001)  # bounded list; the GIL is asked for again after each sleep
+
+    def call(jobs: int) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        ext.slice_many([src] * jobs, [None] * jobs, [cols] * jobs, [dst] * jobs)
+        return t0, time.perf_counter()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core copies (and jobs sharing `dst` run one after another)
+    th = threading.Thread(target=worker, daemon=True)
+    try:
+        t0, t1 = call(1)
+        jobs = min(256, max(1, math.ceil(0.15 / max(t1 - t0, 1e-6))))  # a call of >= ~0.15 s
+        th.start()
+        tries = []
+        for _ in range(3):  # a loaded machine may deschedule the thread for a whole call
+            time.sleep(0.02)
+            t0, t1 = call(jobs)
+            margin = max(0.25 * (t1 - t0), 0.015)
+            inside = [s for s in list(stamps) if t0 + margin < s < t1 - margin]
+            tries.append((round(t1 - t0, 3), len(inside)))
+            if inside:
+                break
+    finally:
+        stop.set()
+        if th.is_alive():
+            th.join()
+        torch.set_num_threads(threads)
+    assert tries[-1][1] > 0, f"no progress of the other thread during the copy: (seconds, stamps) {tries}"
+    assert bitwise_equal(dst, src[:, cols])
 
 
 BAD = {

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+import triton
+import triton.language as tl
 
+from hawada.kernels.gated_mm import tile_offsets
 from hawada.ops import gated_linear, gated_linear_backward_ref, gated_linear_ref, use_backend
 
 
@@ -234,3 +241,80 @@ def test_empty_batch_on_the_triton_backend():
     with use_backend("triton"):
         y = gated_linear(x[:0], w, b, m, "in", 16)
     assert y.shape == (0, 16)
+
+
+# ---------------------------------------------------------------------- offsets past 2**31
+@triton.jit
+def _offsets_probe(out_ptr, r0, c0, s_r, s_c, BR: tl.constexpr, BC: tl.constexpr):
+    """Store ``tile_offsets`` of rows ``r0 + [0, BR)`` and columns ``c0 + [0, BC)``."""
+    rows = r0 + tl.arange(0, BR)
+    cols = c0 + tl.arange(0, BC)
+    local = tl.arange(0, BR)[:, None] * BC + tl.arange(0, BC)[None, :]
+    tl.store(out_ptr + local, tile_offsets(rows, cols, s_r, s_c))
+
+
+@pytest.mark.parametrize(
+    "r0, c0, s_r, s_c",
+    [
+        (81_920 - 8, 28_672 - 8, 28_672, 1),  # the last rows of a [81920, 28672] activation
+        (28_672 - 8, 81_920 - 8, 1, 28_672),  # the same matrix read transposed (dy^T in the dW GEMM)
+        (3, 5, 2**31 - 1, 2**30),  # strides just below 2**31, passed as int32
+    ],
+)
+def test_tile_offsets_are_exact_past_2_31(r0, c0, s_r, s_c):
+    br = bc = 8
+    out = torch.empty(br, bc, dtype=torch.int64)
+    _offsets_probe[(1,)](out, r0, c0, s_r, s_c, BR=br, BC=bc)
+    rows = torch.arange(r0, r0 + br, dtype=torch.int64)[:, None]
+    cols = torch.arange(c0, c0 + bc, dtype=torch.int64)[None, :]
+    want = rows * s_r + cols * s_c
+    assert int(want.max()) >= 2**31  # the case int32 offsets get wrong
+    assert torch.equal(out, want)
+
+
+def strided_view_case() -> None:
+    """Forward and backward of a ``[3, 64]`` fp16 view whose rows lie 2**30 + 64 elements apart, so
+    that row 2 starts past 2**31 elements; prints ``ok`` or ``skip: ...``. The buffer is
+    reserved, not touched (only the three rows' pages are written): it needs a few MiB of memory
+    but 4 GiB of address space."""
+    k, n, stride = 64, 48, 2**30 + 64
+    try:
+        buf = torch.empty(2 * stride + k, dtype=torch.float16)
+    except RuntimeError as e:
+        print(f"skip: cannot reserve 4 GiB of address space ({e})")
+        return
+    x = buf.as_strided((3, k), (stride, 1))
+    g = torch.Generator().manual_seed(1)
+    x.copy_(torch.randn(3, k, generator=g))
+    w = (torch.randn(n, k, generator=g) / k**0.5).half()
+    m = torch.rand(n, generator=g)
+    dy = torch.randn(3, n, generator=g).half()
+    xl, wl = x.detach().requires_grad_(), w.clone().requires_grad_()  # xl keeps x's strides
+    with use_backend("triton"):
+        y = gated_linear(xl, wl, None, m, "out", 1)
+        dx, dw = torch.autograd.grad(y, [xl, wl], dy)  # dW reads x (the B side) with the same stride
+    xr, wr = x.detach().float().requires_grad_(), w.float().requires_grad_()
+    yr = gated_linear_ref(xr, wr, None, m, "out", 1)
+    dxr, dwr = torch.autograd.grad(yr, [xr, wr], dy.float())
+    errors = {"y": rel(y, yr), "dx": rel(dx, dxr), "dw": rel(dw, dwr)}
+    assert max(errors.values()) <= 5e-3, errors
+    print("ok")
+
+
+def test_kernel_reads_rows_past_2_31_elements_of_a_strided_view():
+    """:func:`strided_view_case` in a child process: with int32 offsets the kernel reads 4 GiB
+    before the buffer, which ends the process with a segmentation fault, not a failed assert."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "from tests.test_ops_gated_linear import strided_view_case; strided_view_case()"
+    p = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, f"exit code {p.returncode}: {p.stderr[-3000:]}"
+    if p.stdout.startswith("skip"):
+        pytest.skip(p.stdout.strip())
+    assert p.stdout.strip().endswith("ok"), p.stdout

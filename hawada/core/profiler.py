@@ -12,7 +12,7 @@ import statistics
 import time
 import typing
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -22,6 +22,7 @@ from torch import nn
 from hawada import _ext
 from hawada.core.loop import to_device
 from hawada.core.schema import check_fields, knob
+from hawada.errors import InputError
 
 Inputs = torch.Tensor | Sequence[Any] | Mapping[str, Any]
 Timer = Literal["python", "auto", "cpp"]
@@ -228,31 +229,29 @@ def _python_samples(
     warmup, min_repeats, max_repeats, budget_s, rel_ci = stop
     timer = "perf_counter"
     samples: list[float] = []
-    with torch.inference_mode():
+    events: list[Any] = []  # one start/end pair, reused: each sample waits for its end event
+    with torch.inference_mode(), contextlib.ExitStack() as owned:
         for _ in range(max(warmup, 1 if cuda_graph else 0)):
             call()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
             if cuda_graph:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    call()
-                call = graph.replay
+                call = owned.enter_context(_captured(call)).replay
                 timer = "cuda_graph"
             else:
                 timer = "cuda_event"
+            events += [torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)]
+            owned.callback(events.clear)  # freed on the way out, not kept alive by a traceback
         t_start = time.perf_counter()
         while len(samples) < max_repeats:
             if dev.type == "cuda":
                 if flush_buf is not None:
                     flush_buf.zero_()
-                a = torch.cuda.Event(enable_timing=True)
-                b = torch.cuda.Event(enable_timing=True)
-                a.record()
+                events[0].record()
                 call()
-                b.record()
-                b.synchronize()
-                samples.append(a.elapsed_time(b))
+                events[1].record()
+                events[1].synchronize()
+                samples.append(events[0].elapsed_time(events[1]))
             else:
                 t0 = time.perf_counter()
                 call()
@@ -287,7 +286,7 @@ def _cpp_samples(
         return _adaptive(lambda n, w: ext.time_script_cpu(script, args, n, w), *stop), "cpp_steady_clock"
     if not (dev.type == "cuda" and cuda_graph and _ext.has_cuda()):
         if required:
-            raise ValueError(
+            raise InputError(
                 f"timer='cpp' on {dev.type} needs a CPU device, or CUDA with cuda_graph=True and hawada._C "
                 f"built with CUDA (extension loaded: {_ext.available()}, with CUDA: {_ext.has_cuda()})"
             )
@@ -299,12 +298,26 @@ def _cpp_samples(
         for _ in range(max(warmup, 1)):
             call()
         torch.cuda.synchronize(dev)
-        graph = torch.cuda.CUDAGraph()
+        nbytes = 0 if flush_buf is None else flush_buf.numel()
+        with _captured(call) as graph:
+            samples = _adaptive(lambda n, w: ext.time_cuda_graph(graph, n, nbytes), 0, *rest)
+    return samples, "cpp_cuda_graph"
+
+
+@contextlib.contextmanager
+def _captured(call: Callable[[], Any]) -> Iterator[Any]:
+    """A ``torch.cuda.CUDAGraph`` of one ``call()``, reset on every way out of the block.
+
+    Reset frees the graph's executable and returns its private memory pool; without it a failed
+    measurement would keep both for as long as its traceback (which holds this frame) lives.
+    """
+    graph = torch.cuda.CUDAGraph()
+    try:
         with torch.cuda.graph(graph):
             call()
-        nbytes = 0 if flush_buf is None else flush_buf.numel()
-        samples = _adaptive(lambda n, w: ext.time_cuda_graph(graph, n, nbytes), 0, *rest)
-    return samples, "cpp_cuda_graph"
+        yield graph
+    finally:
+        graph.reset()
 
 
 def _adaptive(
@@ -339,7 +352,7 @@ def _cpp_cpu_program(model: Any, inputs: Any, required: bool) -> tuple[Any, list
 
     def fail(why: str) -> None:
         if required:
-            raise ValueError(f"timer='cpp' cannot be used: {why}")
+            raise InputError(f"timer='cpp' cannot be used: {why}")
         return None
 
     mod = _ext.load()

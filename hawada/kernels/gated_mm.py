@@ -13,12 +13,25 @@ Every pass of :func:`hawada.ops.gated_linear` is this kernel with different flag
 
 Masks are given per group and expanded in the kernel (``feature // group``). Accumulation is fp32;
 fp32 inputs use IEEE dots (no TF32) so they match the torch reference to ~1e-6.
+
+Element offsets (index x stride) are formed in int64 (:func:`tile_offsets`): an int32 offset wraps
+once it reaches 2**31 elements, e.g. row 81,920 of a ``[T, 28672]`` activation.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def tile_offsets(rows, cols, s_r, s_c):
+    """``rows[:, None] * s_r + cols[None, :] * s_c`` in int64, for 1-D index vectors ``rows``, ``cols``.
+
+    Indices come from ``tl.arange`` (int32) and strides below 2**31 are passed as int32, so the
+    product would be formed, and wrap, in int32: both indices are widened first.
+    """
+    return rows.to(tl.int64)[:, None] * s_r + cols.to(tl.int64)[None, :] * s_c
 
 
 @triton.jit
@@ -75,12 +88,12 @@ def gated_mm_kernel(
         kk = k0 + offs_k
         in_k = kk < K
         a = tl.load(
-            a_ptr + offs_m[:, None] * s_am + kk[None, :] * s_ak,
+            a_ptr + tile_offsets(offs_m, kk, s_am, s_ak),
             mask=in_m[:, None] & in_k[None, :],
             other=0.0,
         )
         b = tl.load(
-            b_ptr + kk[:, None] * s_bk + offs_n[None, :] * s_bn,
+            b_ptr + tile_offsets(kk, offs_n, s_bk, s_bn),
             mask=in_k[:, None] & in_n[None, :],
             other=0.0,
         )
@@ -99,7 +112,7 @@ def gated_mm_kernel(
         acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[None, :]
     if RED != 0:
         w = tl.load(
-            w_ptr + offs_m[:, None] * s_wm + offs_n[None, :] * s_wn,
+            w_ptr + tile_offsets(offs_m, offs_n, s_wm, s_wn),
             mask=in_m[:, None] & in_n[None, :],
             other=0.0,
         ).to(tl.float32)
@@ -112,7 +125,7 @@ def gated_mm_kernel(
     if C_SCALE == 2:
         acc *= tl.load(mc_ptr + offs_n // GC, mask=in_n, other=0.0).to(tl.float32)[None, :]
     tl.store(
-        c_ptr + offs_m[:, None] * s_cm + offs_n[None, :] * s_cn,
+        c_ptr + tile_offsets(offs_m, offs_n, s_cm, s_cn),
         acc.to(c_ptr.dtype.element_ty),
         mask=in_m[:, None] & in_n[None, :],
     )
