@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from hawada.core.distributed import SINGLE, DistEnv, ShardedBatches, any_rank, local_grads_finite
+from hawada.errors import InputError
 
 
-class NonFiniteError(ValueError):
+class NonFiniteError(InputError):
     """Too many non-finite steps in a row (loss or gradient)."""
 
 

@@ -16,11 +16,12 @@ from hawada.core.export import ExportPolicy, export
 from hawada.core.gates import GateStore
 from hawada.core.profiler import measure_pooled
 from hawada.core.proxy_cost import LatencyProxy
+from hawada.errors import InputError
 from hawada.run.context import RunContext
 from hawada.run.folder import RunPaths
 
 
-class TargetError(ValueError):
+class TargetError(InputError):
     """A latency target that no allowed keep set can reach."""
 
 
