@@ -24,6 +24,8 @@ from types import ModuleType
 
 import torch
 
+from hawada.errors import InputError
+
 log = logging.getLogger("hawada")
 
 ABI_VERSION = 1  # must equal kAbiVersion in csrc/bindings.cpp
@@ -53,7 +55,7 @@ def mode() -> str:
         return "off"
     m = os.environ.get("HAWADA_EXT", "auto").strip().lower()
     if m not in _MODES:
-        raise ValueError(f"HAWADA_EXT must be one of {_MODES}, got {m!r}")
+        raise InputError(f"HAWADA_EXT must be one of {_MODES}, got {m!r}")
     return m
 
 

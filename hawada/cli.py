@@ -1,6 +1,7 @@
 """The ``hawada`` command: optimize, profile, export, eval.
 
-Bad input exits with code 2 and one line on stderr naming the cause; nothing half-written.
+Bad input exits with code 2 and one line on stderr naming the cause; nothing half-written. Any
+other exception is a bug: its traceback is printed and the exit code is 1.
 """
 
 from __future__ import annotations
@@ -9,22 +10,33 @@ import argparse
 import json
 import os
 import sys
-
-import yaml
+import traceback
 
 from hawada.config import RecipeError, load_recipe
-from hawada.core.export import ExportError
+from hawada.errors import InputError, PathNotFoundError
 
-# Errors that describe bad input; anything else is a bug and keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    RecipeError,
-    ValueError,
+# OS errors that carry the path they failed on (``filename``): a recipe, output or model path the
+# user gave that cannot be read or written. Without a path they are bugs like any other error.
+PATH_ERRORS: tuple[type[OSError], ...] = (
     FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
     NotADirectoryError,
     PermissionError,
-    ExportError,
-    yaml.YAMLError,
 )
+
+
+def input_error_line(e: BaseException) -> str | None:
+    """The one line bad input is reported with, or None when ``e`` is a bug.
+
+    Bad input is an :class:`~hawada.errors.InputError` (every HawAda error about what the user
+    gave derives from it), or an OS error naming a path. A ``ValueError`` from anywhere else,
+    e.g. raised inside torch, is a bug.
+    """
+    if not (isinstance(e, InputError) or (isinstance(e, PATH_ERRORS) and e.filename is not None)):
+        return None
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 class _Parser(argparse.ArgumentParser):
@@ -103,7 +115,7 @@ def _load_slim(path: str):
     from hawada.slim_io import load_slim
 
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"model folder not found: {path}")
+        raise PathNotFoundError(f"model folder not found: {path}")
     return load_slim(path)
 
 
@@ -112,7 +124,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     model = _load_slim(args.model_dir)
     if os.path.exists(args.out_dir) and os.listdir(args.out_dir):
-        raise ValueError(f"output folder {args.out_dir} exists and is not empty")
+        raise InputError(f"output folder {args.out_dir} exists and is not empty")
     save_slim(model, args.out_dir)
     print(f"saved {args.out_dir}")
     return 0
@@ -138,13 +150,16 @@ def main(argv: list[str] | None = None) -> int:
     except RunInterrupted as e:
         sys.stderr.write(f"hawada: {e}\n")
         return 128 + e.signum
-    except USER_ERRORS as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        sys.stderr.write(f"hawada: error: {msg}\n")
-        return 2
     except KeyboardInterrupt:
         sys.stderr.write("hawada: interrupted\n")
         return 130
+    except Exception as e:
+        line = input_error_line(e)
+        if line is None:  # a bug: the whole traceback, for the report
+            traceback.print_exc()
+            return 1
+        sys.stderr.write(f"hawada: error: {line}\n")
+        return 2
 
 
 if __name__ == "__main__":

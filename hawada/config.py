@@ -28,9 +28,10 @@ from hawada.core.proxy_cost import ProxyConfig
 from hawada.core.schema import FROM_RUN, check_range, knob
 from hawada.core.search_export import SearchConfig
 from hawada.core.train import TrainConfig
+from hawada.errors import InputError
 
 
-class RecipeError(ValueError):
+class RecipeError(InputError):
     """A recipe (or a --set override) that does not fit the schema."""
 
 

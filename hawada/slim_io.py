@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from hawada.adapters.base import adapter_for, get_adapter
+from hawada.errors import InputError, PathNotFoundError
 
 
 def save_slim(model: nn.Module, path: str) -> None:
@@ -20,11 +21,11 @@ def load_slim(path: str) -> nn.Module:
     """Load a folder written by :func:`save_slim` with stock classes (no remote code)."""
     lay = os.path.join(path, "layout.json")
     if not os.path.isfile(lay):
-        raise FileNotFoundError(f"{path} has no layout.json: not a saved HawAda model")
+        raise PathNotFoundError(f"{path} has no layout.json: not a saved HawAda model")
     with open(lay) as f:
         family = json.load(f).get("family")
     if not family:
-        raise ValueError(f"{lay} names no model family")
+        raise InputError(f"{lay} names no model family")
     return get_adapter(family).load(path)
 
 

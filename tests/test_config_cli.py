@@ -4,10 +4,26 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
-from hawada.cli import main
+from hawada.adapters.base import UnknownModelError
+from hawada.adapters.hf_decoder import VocabMismatchError
+from hawada.adapters.hf_decoder_files import CheckpointError as DecoderCheckpointError
+from hawada.cli import input_error_line, main
 from hawada.config import RecipeError, apply_overrides, load_recipe, recipe_from_dict
+from hawada.core.checkpoint import CheckpointError
+from hawada.core.distributed import ShardError
+from hawada.core.export import ExportError, ExportRequestError
+from hawada.core.loop import NonFiniteError
+from hawada.data.lm import DataError as LMDataError
+from hawada.data.text import TextDataError
+from hawada.data.vision import DataError as VisionDataError
+from hawada.errors import InputError, PathNotFoundError
+from hawada.ops.backend import BackendUnavailableError
+from hawada.run.folder import OutputError
+from hawada.run.setup import TargetError
+from tests.helpers import tiny_digits_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -180,3 +196,71 @@ def test_hidden_state_weight_of_gate_training_defaults_to_the_fine_tune_one():
     r = recipe_from_dict({"kd": {"alpha_hidden": 2.0, "alpha_hidden_gates": 0.0}})
     gates_kd = r.resolved("train").kd.for_gates()
     assert r.kd.alpha_hidden == 2.0 and gates_kd.alpha_hidden == 0.0
+
+
+def test_a_value_error_from_inside_torch_is_a_bug_with_a_traceback(tmp_path, capsys, monkeypatch):
+    """Only HawAda's input errors are one line and exit 2: a ValueError raised inside torch during
+    a run (here by every BatchNorm forward) prints its traceback and exits 1."""
+
+    def broken_batch_norm(*args, **kwargs):
+        raise ValueError("batch_norm broke inside torch")
+
+    monkeypatch.setattr(torch.nn.functional, "batch_norm", broken_batch_norm)
+    out = tmp_path / "out"
+    recipe = write(tmp_path, tiny_digits_recipe(output={"dir": str(out)}))
+    code, _, err = run_cli(capsys, "optimize", recipe)
+    assert code == 1
+    assert err.startswith("Traceback") and "hawada: error" not in err
+    assert err.rstrip().endswith("ValueError: batch_norm broke inside torch")
+    assert "broken_batch_norm" in err  # the frame that raised is in the traceback
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.parametrize(
+    "error, line",
+    [
+        (RecipeError("train.steps: must be >= 1, got 0\nmore"), "train.steps: must be >= 1, got 0"),
+        (PathNotFoundError("model.path: folder not found: /m"), "model.path: folder not found: /m"),
+        (ExportRequestError("residual stream 'layer3' is closed"), "residual stream 'layer3' is closed"),
+        (PermissionError(13, "Permission denied", "/out"), "[Errno 13] Permission denied: '/out'"),
+        (NotADirectoryError(20, "Not a directory", "/f/x"), "[Errno 20] Not a directory: '/f/x'"),
+        (ValueError("an internal check"), None),
+        (FileNotFoundError("a path the code made up"), None),  # an OS error naming no path
+        (ExportError("exported model differs from the gated model"), None),  # invariant 2: a bug
+        (KeyError("x"), None),
+    ],
+)
+def test_input_errors_are_told_from_bugs_by_class(error, line):
+    assert input_error_line(error) == line
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [
+        RecipeError,
+        OutputError,
+        TargetError,
+        NonFiniteError,
+        CheckpointError,
+        DecoderCheckpointError,
+        VisionDataError,
+        LMDataError,
+        TextDataError,
+        VocabMismatchError,
+        UnknownModelError,  # and the hf_encoder family's LayoutError, a subclass
+        ShardError,
+        ExportRequestError,
+        BackendUnavailableError,
+        PathNotFoundError,
+    ],
+)
+def test_every_input_error_class_derives_from_input_error(cls):
+    assert issubclass(cls, InputError) and issubclass(cls, ValueError)
+
+
+def test_missing_paths_are_input_errors_and_file_not_found_errors():
+    e = PathNotFoundError("model.path: folder not found: /nowhere")
+    assert isinstance(e, FileNotFoundError) and isinstance(e, InputError)
+    assert str(e) == "model.path: folder not found: /nowhere"
+    assert issubclass(DecoderCheckpointError, FileNotFoundError)  # callers catching it still do
+    assert not issubclass(ExportError, InputError) and issubclass(ExportRequestError, ExportError)

@@ -9,10 +9,11 @@ from torch import nn
 
 from hawada.core.gates import GateConfig
 from hawada.core.proxy_cost import CostTerm
+from hawada.errors import InputError
 from hawada.registry import Registry
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(InputError):
     """No registered adapter recognises the model."""
 
 
@@ -86,7 +87,7 @@ class Adapter:
 
     def uniform_policy(self, gated: nn.Module, policy: Any) -> Any:
         """An export policy giving every layer the same widths (``export.uniform``)."""
-        raise ValueError(f"export.uniform is not supported by the {self.family!r} family")
+        raise InputError(f"export.uniform is not supported by the {self.family!r} family")
 
     def shard_units(self, model: nn.Module) -> list[nn.Module]:
         """The modules FSDP shards one by one (each all-gathered for its own forward).
@@ -95,7 +96,7 @@ class Adapter:
         """
         lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
         if not lists:
-            raise ValueError(f"{type(model).__name__} has no layer list to shard: fsdp needs one")
+            raise InputError(f"{type(model).__name__} has no layer list to shard: fsdp needs one")
         best = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
         return list(best)
 

@@ -59,9 +59,10 @@ from hawada.core.export import ExportPolicy, clone_without_gates, keep_counts, s
 from hawada.core.gates import GateConfig, GateStore
 from hawada.core.hooks import add_hook, gate_linear, gates_of, install_store
 from hawada.core.proxy_cost import CostTerm
+from hawada.errors import InputError
 
 
-class VocabMismatchError(ValueError):
+class VocabMismatchError(InputError):
     """Teacher and student (or model and data) disagree on the vocabulary."""
 
 
@@ -95,7 +96,7 @@ class HeadMask:
 def _check_min_keep(config: GateConfig, kind: str, available: int, what: str, layer: int) -> None:
     mk = int(config.min_keep.get(kind, 0))
     if mk > available:
-        raise ValueError(
+        raise InputError(
             f"gates.min_keep.{kind}={mk} asks for more {what} than layer {layer} has ({available})"
         )
 
@@ -127,7 +128,7 @@ class HFDecoderAdapter(Adapter):
         if gates_of(model) is not None:
             raise ValueError("model already has gates attached")
         if not has_layer_layout(model):
-            raise ValueError(f"{type(model).__name__} does not have the LLaMA layer layout")
+            raise InputError(f"{type(model).__name__} does not have the LLaMA layer layout")
         base = decoder_base(model)
         hd = head_dim_of(model)
         store = GateStore(config)
@@ -135,12 +136,12 @@ class HFDecoderAdapter(Adapter):
         for i, layer in enumerate(base.layers):
             attn, mlp = layer.self_attn, layer.mlp
             if getattr(attn, "is_empty_attention", False):
-                raise ValueError(
+                raise InputError(
                     "this model is already pruned (a layer has no attention); attach to the original"
                 )
             nh, nkv = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
             if nh % nkv:
-                raise ValueError(f"layer {i}: {nh} query heads are not a multiple of {nkv} KV heads")
+                raise InputError(f"layer {i}: {nh} query heads are not a multiple of {nkv} KV heads")
             n_rep, inter = nh // nkv, mlp.up_proj.out_features
             _check_min_keep(config, "head", n_rep, "query heads per KV group", i)
             _check_min_keep(config, "kv_group", nkv, "KV heads", i)
@@ -155,7 +156,7 @@ class HFDecoderAdapter(Adapter):
                 ffn = store.register(f"layer{i}.ffn", "ffn", inter, gs_ffn, i).name
             plan.append((layer, heads, kv, ffn, n_rep, nkv))
         if len(store) == 0:
-            raise ValueError(
+            raise InputError(
                 "GateConfig.kinds selects no kind the hf_decoder adapter gates ('head', 'kv_group', 'ffn')"
             )
         install_store(model, store, self)

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hawada.errors import InputError, PathNotFoundError
+
 KNOWN_CLASSES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
@@ -25,7 +27,7 @@ KNOWN_CLASSES = (
 LAYOUT_FILE = "layout.json"
 
 
-class CheckpointError(FileNotFoundError):
+class CheckpointError(PathNotFoundError):
     """A model folder that is not a loadable Hugging Face checkpoint."""
 
 
@@ -301,7 +303,7 @@ def load_decoder(path: str) -> nn.Module:
         lay = json.load(f)
     cls = getattr(transformers, lay["arch"], None)
     if cls is None or lay["arch"] not in KNOWN_CLASSES:
-        raise ValueError(f"{path}: architecture {lay['arch']!r} is not one the hf_decoder family loads")
+        raise InputError(f"{path}: architecture {lay['arch']!r} is not one the hf_decoder family loads")
     if hasattr(cfg, "auto_map"):
         del cfg.auto_map
     state = _state_dict_from(path)
@@ -314,7 +316,7 @@ def load_decoder(path: str) -> nn.Module:
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if lay.get("tie_word_embeddings") else set()
     if set(missing) - tied or unexpected:
-        raise ValueError(
+        raise InputError(
             f"{path}: weights do not fit the layout (missing {sorted(set(missing) - tied)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]})"
         )
@@ -338,5 +340,5 @@ def load_causal_lm(path: str, attn_implementation: str | None = None, dtype: Any
         kw["dtype"] = dtype
     model = AutoModelForCausalLM.from_pretrained(path, config=cfg, **kw)
     if not is_decoder(model):
-        raise ValueError(f"{path}: {type(model).__name__} does not have the LLaMA layer layout")
+        raise InputError(f"{path}: {type(model).__name__} does not have the LLaMA layer layout")
     return model.eval()

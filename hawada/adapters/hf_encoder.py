@@ -38,6 +38,7 @@ from hawada.core.export import ExportPolicy, clone_without_gates, slice_linear, 
 from hawada.core.gates import GateConfig, GateStore
 from hawada.core.hooks import gate_linear, gates_of, install_store
 from hawada.core.proxy_cost import CostTerm
+from hawada.errors import InputError, PathNotFoundError
 from hawada.hf_remote import modeling_hawada as remote
 from hawada.hf_remote.modeling_hawada import (
     STYLES,
@@ -206,7 +207,7 @@ class HFEncoderAdapter(Adapter):
                     f"layer{i}.ffn", "ffn", width, config.group_for("ffn", self.default_group_size["ffn"]), i
                 )
         if len(store) == 0:
-            raise ValueError("GateConfig.kinds selects no kind the hf_encoder adapter gates ('head', 'ffn')")
+            raise InputError("GateConfig.kinds selects no kind the hf_encoder adapter gates ('head', 'ffn')")
         install_store(model, store, self)
         for i, layer in enumerate(layers):
             if gate_heads:
@@ -400,9 +401,9 @@ class HFEncoderAdapter(Adapter):
         model, the classifier its config declares, or the bare encoder (see :func:`load_pretrained`).
         ``kd_kind`` follows: ``logits`` for a classifier, ``embedding`` for a bare encoder."""
         if path is None:
-            raise ValueError("model.path: the hf_encoder family needs a local model folder")
+            raise InputError("model.path: the hf_encoder family needs a local model folder")
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"model.path: folder not found: {path}")
+            raise PathNotFoundError(f"model.path: folder not found: {path}")
         if os.path.isfile(os.path.join(path, "layout.json")):
             return self.load(path)
         model = load_pretrained(path)
@@ -540,7 +541,7 @@ def load_encoder(path: str) -> nn.Module:
     name = lay.get("class", "")
     slim_cls = getattr(remote, "Hawada" + name, None)
     if slim_cls is None:
-        raise ValueError(f"{path}/layout.json names an unsupported transformers class {name!r}")
+        raise InputError(f"{path}/layout.json names an unsupported transformers class {name!r}")
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)

@@ -27,6 +27,7 @@ from hawada.core.export import clone_without_gates, slice_batchnorm, slice_conv2
 from hawada.core.gates import GateConfig, GateStore
 from hawada.core.hooks import MaskOutput, add_hook, gates_of, install_store
 from hawada.core.proxy_cost import CostTerm
+from hawada.errors import InputError
 
 
 class ConstantBranchBlock(nn.Module):
@@ -82,9 +83,9 @@ class ResNetAdapter(Adapter):
     def attach(self, model: nn.Module, config: GateConfig) -> nn.Module:
         for _, _, blk in _blocks(model):
             if not isinstance(blk, BasicBlock | Bottleneck) and not isinstance(blk, ConstantBranchBlock):
-                raise ValueError(f"unsupported ResNet block type {type(blk).__name__}")
+                raise InputError(f"unsupported ResNet block type {type(blk).__name__}")
             if isinstance(blk, ConstantBranchBlock):
-                raise ValueError(
+                raise InputError(
                     "this ResNet is already pruned (has constant blocks); attach to the original"
                 )
         store = GateStore(config)
@@ -111,7 +112,7 @@ class ResNetAdapter(Adapter):
                 for name, bn in zip(_inner_names(i, j, blk), bns):
                     store.register(name, "block", bn.num_features, gs("block"), i)
         if len(store) == 0:
-            raise ValueError("GateConfig.kinds selects no kind the ResNet adapter gates ('block', 'stage')")
+            raise InputError("GateConfig.kinds selects no kind the ResNet adapter gates ('block', 'stage')")
         install_store(model, store, self)
         if gate_stage:
             add_hook(model.bn1, MaskOutput(store, stem))
@@ -424,9 +425,9 @@ def _load_resnet_model(arch: str, num_classes: int, path: str | None) -> ResNet:
     try:
         model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     except ValueError:
-        raise ValueError(f"model.arch: unknown torchvision model {arch!r}") from None
+        raise InputError(f"model.arch: unknown torchvision model {arch!r}") from None
     if not isinstance(model, ResNet):
-        raise ValueError(f"model.arch: {arch!r} is not a ResNet")
+        raise InputError(f"model.arch: {arch!r} is not a ResNet")
     if path is not None:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file

@@ -18,11 +18,13 @@ from typing import Any
 
 import torch
 
+from hawada.errors import InputError
+
 POINTER = "latest.json"
 META_KEY = "hawada"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that is missing, truncated or corrupted (one line, names the file)."""
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from hawada.core.protocol import AdapterLike
 from hawada.core.schema import check_fields, knob
+from hawada.errors import InputError
 
 
 @dataclass
@@ -211,7 +212,7 @@ def kd_outputs_of(adapter: AdapterLike, model: torch.nn.Module, batch: Any, hidd
         return adapter.output(model, batch), None
     out, states = adapter.kd_outputs(model, batch)
     if states is None:
-        raise ValueError(
+        raise InputError(
             f"kd.alpha_hidden > 0, but the {adapter.family!r} family gives no hidden states to distil"
         )
     return out, states

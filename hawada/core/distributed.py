@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hawada.errors import InputError
+
 T = TypeVar("T")
 
 
@@ -31,7 +33,7 @@ class ReplicaMismatch(RuntimeError):
     """State that must be identical on every rank differs between ranks."""
 
 
-class ShardError(ValueError):
+class ShardError(InputError):
     """A global batch that cannot be split evenly across the ranks."""
 
 

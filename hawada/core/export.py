@@ -20,6 +20,7 @@ from hawada.core.gates import GateStore
 from hawada.core.hooks import ADAPTER_ATTR, gates_of, strip_gate_hooks
 from hawada.core.protocol import AdapterLike
 from hawada.core.slicing import batched_slicing, current_batch
+from hawada.errors import InputError
 
 RoundMode = Literal["nearest", "floor", "ceil"]
 ROUND_MODES = typing.get_args(RoundMode)
@@ -27,6 +28,11 @@ ROUND_MODES = typing.get_args(RoundMode)
 
 class ExportError(RuntimeError):
     """An export that cannot be made, or that would break invariant 2 (docs/DESIGN.md)."""
+
+
+class ExportRequestError(ExportError, InputError):
+    """An export that cannot be made as asked (the model, the policy or the gates rule it out):
+    bad input, where a failed check of the exported model is a bug."""
 
 
 @dataclass(frozen=True)
@@ -45,11 +51,11 @@ class Rounding:
 
     def __post_init__(self) -> None:
         if self.multiple < 1:
-            raise ValueError(f"rounding multiple must be >= 1, got {self.multiple}")
+            raise InputError(f"rounding multiple must be >= 1, got {self.multiple}")
         if self.mode not in ROUND_MODES:
-            raise ValueError(f"rounding mode {self.mode!r} is not one of {ROUND_MODES}")
+            raise InputError(f"rounding mode {self.mode!r} is not one of {ROUND_MODES}")
         if not 0.0 <= self.min_keep_ratio <= 1.0:
-            raise ValueError(f"min_keep_ratio must be in [0, 1], got {self.min_keep_ratio}")
+            raise InputError(f"min_keep_ratio must be in [0, 1], got {self.min_keep_ratio}")
 
     def apply(self, open_units: int, units: int) -> int:
         m = self.multiple
@@ -116,7 +122,9 @@ def keep_counts(store: GateStore, policy: ExportPolicy | None = None) -> dict[st
         if seg.name in policy.counts:
             k = int(policy.counts[seg.name])
             if not 0 <= k <= seg.units:
-                raise ExportError(f"export count {k} for segment {seg.name!r} is outside [0, {seg.units}]")
+                raise ExportRequestError(
+                    f"export count {k} for segment {seg.name!r} is outside [0, {seg.units}]"
+                )
             out[seg.name] = k
     return out
 
@@ -207,7 +215,7 @@ def slice_conv2d(
 ) -> nn.Conv2d:
     """A new ``nn.Conv2d`` keeping output channels ``out_idx`` and input channels ``in_idx``."""
     if conv.groups != 1:
-        raise ExportError(f"slicing grouped convolutions (groups={conv.groups}) is not supported")
+        raise ExportRequestError(f"slicing grouped convolutions (groups={conv.groups}) is not supported")
     batch = current_batch()
     if batch is not None:
         o = _idx(out_idx, conv.out_channels, "slice")
@@ -355,7 +363,7 @@ def adapter_of(model: nn.Module) -> AdapterLike:
     """The adapter object ``attach`` stored on a gated model."""
     ad = getattr(model, ADAPTER_ATTR, None)
     if ad is None:
-        raise ExportError("model has no gates: call hawada.attach(model) first")
+        raise ExportRequestError("model has no gates: call hawada.attach(model) first")
     return ad
 
 
@@ -363,7 +371,7 @@ def store_of(model: nn.Module) -> GateStore:
     """The GateStore ``attach`` put on a gated model; raises :class:`ExportError` without one."""
     store = gates_of(model)
     if store is None:
-        raise ExportError("model has no gates: call hawada.attach(model) first")
+        raise ExportRequestError("model has no gates: call hawada.attach(model) first")
     return store
 
 
@@ -380,7 +388,7 @@ def export(gated: nn.Module, policy: ExportPolicy | None = None, example_inputs=
     keep = keep_indices(store, policy)
     for seg in store.segments:
         if seg.kind == "stage" and keep[seg.name].numel() == 0:
-            raise ExportError(
+            raise ExportRequestError(
                 f"residual stream {seg.name!r} has every channel closed; a model without it "
                 "cannot be exported (keep at least one gate of each stage open)"
             )

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from hawada.core.schema import check_fields, knob
+from hawada.errors import InputError
 from hawada.ops.gates import (
     GateMode,
     PenaltyTerms,
@@ -78,7 +79,7 @@ class GateConfig:
         check_fields(self, "gates")
         gamma, zeta = self.stretch
         if not (gamma < 0 and zeta > 1):
-            raise ValueError(f"gates.stretch: must satisfy gamma < 0 < 1 < zeta, got {tuple(self.stretch)}")
+            raise InputError(f"gates.stretch: must satisfy gamma < 0 < 1 < zeta, got {tuple(self.stretch)}")
 
     def wants(self, kind: str) -> bool:
         """True when gates of ``kind`` should be attached."""

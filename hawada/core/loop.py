@@ -24,9 +24,10 @@ from hawada.core.distributed import (
     local_grads_finite,
     reshard_like,
 )
+from hawada.errors import InputError
 
 
-class NonFiniteError(ValueError):
+class NonFiniteError(InputError):
     """Too many non-finite steps in a row (loss or gradient)."""
 
 

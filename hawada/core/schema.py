@@ -13,6 +13,8 @@ import types
 import typing
 from typing import Any, Literal
 
+from hawada.errors import InputError
+
 FROM_RUN = "from_run"  # metadata key: the field is set by the run from another recipe key
 
 
@@ -51,9 +53,9 @@ def check_range(value: Any, meta: typing.Mapping, where: str) -> None:
         return
     lo, hi, lo_open = meta.get("lo"), meta.get("hi"), meta.get("lo_open")
     if lo is not None and (value <= lo if lo_open else value < lo):
-        raise ValueError(f"{where}: must be {'>' if lo_open else '>='} {lo:g}, got {value!r}")
+        raise InputError(f"{where}: must be {'>' if lo_open else '>='} {lo:g}, got {value!r}")
     if hi is not None and value > hi:
-        raise ValueError(f"{where}: must be <= {hi:g}, got {value!r}")
+        raise InputError(f"{where}: must be <= {hi:g}, got {value!r}")
 
 
 def literal_values(tp: Any) -> tuple | None:
@@ -84,4 +86,4 @@ def check_fields(obj: Any, where: str) -> None:
             continue
         for v in value if isinstance(value, list | tuple) else [value]:
             if v not in allowed:
-                raise ValueError(f"{path}: {v!r} is not one of {', '.join(map(str, allowed))}")
+                raise InputError(f"{path}: {v!r} is not one of {', '.join(map(str, allowed))}")

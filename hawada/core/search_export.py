@@ -23,6 +23,7 @@ from hawada.core.export import (
 from hawada.core.export import export as export_model
 from hawada.core.profiler import LatencyResult, Meter, measure_pooled
 from hawada.core.schema import check_fields, knob
+from hawada.errors import InputError
 
 
 @dataclass
@@ -270,7 +271,7 @@ def choose_trial(trials: list[dict]) -> tuple[dict, bool]:
     """(best trial, whether it meets the target): among trials within target the one keeping the
     most gate mass (ties: faster); when none is within target, the fastest."""
     if not trials:
-        raise ValueError("grid search needs at least one (multiple, mode) combination")
+        raise InputError("grid search needs at least one (multiple, mode) combination")
     within = [t for t in trials if t["within_target"]]
     if within:
         return max(within, key=lambda t: (round(t["gate_mass"], 9), -t["median_ms"])), True

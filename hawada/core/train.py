@@ -52,6 +52,7 @@ from hawada.core.loop import MasterWeights, NonFiniteError, Progress, StepGuard,
 from hawada.core.profiler import Meter
 from hawada.core.proxy_cost import LatencyProxy
 from hawada.core.schema import check_fields, knob
+from hawada.errors import InputError
 
 __all__ = [
     "AMP_MODES",
@@ -168,7 +169,7 @@ class LagrangeTrainer:
         self.env, self.materialize = env, materialize
         self.sharded = is_sharded(student)
         if self.sharded and self.cfg.amp == "fp16":
-            raise ValueError(
+            raise InputError(
                 "train.amp fp16 (loss scaling) is not supported with sharded (fsdp) students; use bf16"
             )
         self.student, self.teacher, self.proxy = student, teacher, proxy

@@ -18,12 +18,14 @@ from dataclasses import dataclass
 
 import torch
 
+from hawada.errors import InputError
+
 PAD, BOS, EOS = 256, 257, 258
 VOCAB_SIZE = 259
 SPLITS = ("train", "val", "test")
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A corpus that cannot be built (no files, too little text)."""
 
 

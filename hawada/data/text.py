@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hawada.errors import InputError, PathNotFoundError
+
 DEFAULT_MAX_CHARS = 1_700_000
 MIN_PASSAGE_CHARS = 40
 MAX_PASSAGE_CHARS = 600
@@ -27,7 +29,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "spiece.mod
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "lib2to3"}
 
 
-class TextDataError(ValueError):
+class TextDataError(InputError):
     """A corpus or tokenizer that cannot give the batches a run needs."""
 
 
@@ -163,7 +165,7 @@ def build_corpus(max_chars: int | None = None, root: str | None = None) -> Corpu
 def check_tokenizer_folder(path: str) -> None:
     """One-line error when ``path`` has no tokenizer files."""
     if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
-        raise FileNotFoundError(
+        raise PathNotFoundError(
             f"model folder {path} has no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})"
         )
 

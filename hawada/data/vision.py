@@ -14,9 +14,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from hawada.core.loop import to_device
+from hawada.errors import InputError
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Data that cannot be used as the recipe asks."""
 
 

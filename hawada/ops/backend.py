@@ -19,11 +19,13 @@ from collections.abc import Iterator
 
 import torch
 
+from hawada.errors import InputError
+
 BACKENDS = ("auto", "triton", "torch")
 _forced: str | None = None
 
 
-class BackendUnavailableError(ValueError):
+class BackendUnavailableError(InputError):
     """An explicitly requested backend cannot run here."""
 
 
@@ -31,7 +33,7 @@ def backend_setting() -> str:
     """The requested backend: :func:`use_backend` inside its block, else ``$HAWADA_BACKEND``."""
     name = _forced if _forced is not None else os.environ.get("HAWADA_BACKEND", "auto").strip().lower()
     if name not in BACKENDS:
-        raise ValueError(f"HAWADA_BACKEND must be one of {BACKENDS}, got {name!r}")
+        raise InputError(f"HAWADA_BACKEND must be one of {BACKENDS}, got {name!r}")
     return name
 
 

@@ -17,6 +17,7 @@ from hawada.core.distributed import DistEnv, ShardedBatches, broadcast_tensors, 
 from hawada.core.export import store_of
 from hawada.core.gates import GateStore
 from hawada.core.profiler import Meter, latency_meter
+from hawada.errors import InputError
 from hawada.jobs import Job, build_job
 from hawada.run.folder import RunPaths
 
@@ -81,7 +82,7 @@ def build_context(
         recipe = dataclasses.replace(recipe, teacher=dataclasses.replace(recipe.teacher, epochs=0))
     device = local_device(recipe.device, env)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: cuda was asked for but no CUDA device is available")
+        raise InputError("device: cuda was asked for but no CUDA device is available")
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     get_adapter(recipe.model.family)  # an unknown family fails before any work

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 from hawada.config import Recipe, recipe_from_dict
 from hawada.core.checkpoint import atomic_write_bytes
+from hawada.errors import InputError, PathNotFoundError
 
 PARTIAL = ".partial"  # the run folder while a run is unfinished: <output.dir>.partial
 
 
-class OutputError(ValueError):
+class OutputError(InputError):
     """An output folder that would be overwritten without being asked."""
 
 
@@ -54,15 +55,15 @@ def resume_recipe(run_dir: str) -> Recipe:
     if not os.path.isdir(paths.partial):
         if os.path.isfile(os.path.join(out, "report.json")):
             raise OutputError(f"run {out} is already complete: nothing to resume")
-        raise FileNotFoundError(f"no unfinished run at {out} (looked for {paths.partial})")
+        raise PathNotFoundError(f"no unfinished run at {out} (looked for {paths.partial})")
     rpath = os.path.join(paths.state, "recipe.json")
     try:
         with open(rpath) as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{paths.partial} has no state/recipe.json: not a resumable run") from None
+        raise PathNotFoundError(f"{paths.partial} has no state/recipe.json: not a resumable run") from None
     except (OSError, ValueError) as e:
-        raise ValueError(f"run recipe {rpath} is corrupted ({type(e).__name__})") from None
+        raise InputError(f"run recipe {rpath} is corrupted ({type(e).__name__})") from None
     recipe = recipe_from_dict(data)
     recipe.output.dir = out  # the run folder may have been moved
     return recipe
@@ -86,7 +87,7 @@ def prepare_folder(recipe: Recipe, paths: RunPaths, resume: bool) -> None:
     check_output_dir(recipe)
     if resume:
         if not os.path.isdir(paths.state):
-            raise FileNotFoundError(f"no unfinished run at {paths.out} (looked for {paths.state})")
+            raise PathNotFoundError(f"no unfinished run at {paths.out} (looked for {paths.state})")
         return
     if os.path.exists(paths.partial):
         if not recipe.output.overwrite:

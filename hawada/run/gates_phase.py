@@ -17,6 +17,7 @@ from hawada.core.export import ExportPolicy, export
 from hawada.core.profiler import measure_pooled
 from hawada.core.proxy_cost import LatencyProxy
 from hawada.core.train import LagrangeTrainer, StopRequested, make_latency_probe
+from hawada.errors import InputError
 from hawada.run.context import RunContext, seed_everything
 from hawada.run.folder import MetricsLog, NoLog, open_metrics
 from hawada.run.setup import Setup
@@ -95,7 +96,7 @@ def _sharded(ctx: RunContext) -> tuple[nn.Module, Callable[[], nn.Module]]:
     from hawada.core.distributed import full_state_dict
 
     if ctx.recipe.train.amp == "fp16":
-        raise ValueError("distributed.strategy fsdp does not support train.amp fp16; use bf16")
+        raise InputError("distributed.strategy fsdp does not support train.amp fp16; use bf16")
     template = copy.deepcopy(ctx.student).cpu()
     kd_teacher = copy.deepcopy(ctx.teacher)
     fully_shard_layers(kd_teacher, ctx.adapter.shard_units(kd_teacher), ctx.env)

@@ -16,13 +16,14 @@ from hawada.core.export import ExportPolicy, compute_dtype, export
 from hawada.core.gates import GateStore
 from hawada.core.profiler import measure_pooled
 from hawada.core.proxy_cost import LatencyProxy
+from hawada.errors import InputError
 from hawada.run.context import RunContext
 from hawada.run.folder import RunPaths
 
 CALIB_WARN_PCT = 10.0  # a calibration that misses by more is said in one line
 
 
-class TargetError(ValueError):
+class TargetError(InputError):
     """A latency target that no allowed keep set can reach."""
 
 
