@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
+
+from hawada.core.profiler import LatencyResult, summarize_samples
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -99,3 +103,31 @@ def save_tiny_vit(path, num_labels: int = 3, image_size: int = 16, classifier: b
     model = (ViTForImageClassification if classifier else ViTModel)(cfg).eval()
     model.save_pretrained(str(path))
     return model
+
+
+def latency_result(ms: float | list[float]) -> LatencyResult:
+    """A :class:`LatencyResult` of known samples (one sample when ``ms`` is a number)."""
+    samples = [float(x) for x in ms] if isinstance(ms, list) else [float(ms)]
+    return LatencyResult(
+        **summarize_samples(samples),
+        n=len(samples),
+        device="cpu",
+        dtype="float32",
+        shapes=[],
+        warmup=0,
+        timer="test",
+        threads=1,
+        samples_ms=samples,
+    )
+
+
+@torch.no_grad()
+def rerandomized(model: nn.Module, seed: int = 1) -> nn.Module:
+    """A copy of ``model`` whose weight matrices and kernels are redrawn at random, each with its
+    own standard deviation: the same architecture at the same scale, with nothing learned."""
+    out = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    for p in out.parameters():
+        if p.dim() >= 2:
+            p.copy_(torch.randn(p.shape, generator=g) * float(p.std()))
+    return out

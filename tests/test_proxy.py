@@ -45,6 +45,31 @@ def test_calibration_recovers_a_linear_law_and_stays_non_negative():
         px.calibrate(ws[:1], true[:1])
 
 
+def test_non_negativity_is_enforced_where_an_unconstrained_fit_goes_negative():
+    """Latency = 3 ms per unit of the FLOPs feature minus 0.4 ms: least squares with an intercept
+    fits the intercept -0.4 (a model that gets faster than free as it shrinks). The calibrated
+    proxy holds that coefficient at exactly 0 and fits the best line through the origin."""
+    st = small_store()
+    px = LatencyProxy(st, [CostTerm("mm", "linear", ("a", "b"), flops=1e9, bytes=0.0)], mode="analytic")
+    ws = [
+        torch.tensor([a, b]) for a, b in [(16.0, 32.0), (12.0, 28.0), (8.0, 24.0), (8.0, 16.0), (6.0, 16.0)]
+    ]
+    f = torch.tensor([float(px.features(w)[0]) for w in ws], dtype=torch.float64)
+    y = 3.0 * f - 0.4
+    assert (y > 0).all()
+    free = torch.linalg.lstsq(torch.stack([f, torch.ones_like(f)], 1), y.unsqueeze(1)).solution.squeeze(1)
+    assert float(free[1]) == pytest.approx(-0.4)  # the unconstrained intercept is negative
+    px.calibrate(ws, y.tolist())
+    assert (px.coef >= 0).all()
+    assert float(px.coef[3]) == 0.0 and float(px.coef[2]) == 0.0  # intercept and per-op cost: held at 0
+    # the best non-negative fit is then a pure scale of the FLOPs: slope = <f, y> / <f, f>
+    assert float(px.coef[0]) == pytest.approx(float(f @ y / (f @ f)), rel=1e-5)
+    # and the fitted latency grows with the widths, down to 0 at nothing kept
+    with torch.no_grad():
+        lat = [float(px(torch.tensor([a, 2.0 * a]))) for a in (0.0, 4.0, 8.0, 16.0)]
+    assert lat[0] == 0.0 and lat == sorted(lat) and lat[1] < lat[-1]
+
+
 def test_lookup_table_interpolates_and_is_differentiable():
     st = small_store()
     px = LatencyProxy(st, [CostTerm("mm", "linear", ("a", "b"), 1.0, 1.0, {"tokens": 4})], mode="lut")
@@ -62,7 +87,17 @@ def test_lookup_table_interpolates_and_is_differentiable():
     assert w.grad[0] == pytest.approx(10 / 16, rel=1e-4)
 
 
-def test_measured_table_and_calibration_on_a_real_resnet():
+@pytest.fixture
+def one_thread():
+    """Time tiny ops on one thread: on a busy machine, two threads that wait on each other add
+    milliseconds to ops of microseconds, at random, and the table measures that noise."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_measured_table_and_calibration_on_a_real_resnet(one_thread):
     model = hawada.attach(tiny_resnet())
     store = hawada.gates(model)
     x = torch.randn(2, 3, 16, 16)

@@ -2,14 +2,8 @@
 
 import pytest
 
-from hawada.core.profiler import LatencyResult, ratio_ci, summarize_samples
-
-
-def result(samples):
-    return LatencyResult(
-        **summarize_samples(samples), n=len(samples), device="cpu", dtype="float32", shapes=[], warmup=0,
-        timer="perf_counter", threads=1, samples_ms=list(samples),
-    )  # fmt: skip
+from hawada.core.profiler import ratio_ci
+from tests.helpers import latency_result as result
 
 
 def test_the_interval_holds_the_ratio_of_medians_and_narrows_with_less_spread():

@@ -5,33 +5,44 @@ import torch
 
 import hawada
 from hawada.adapters.base import get_adapter
-from hawada.core.calibrate import calibration_logits, measure_subarchs
+from hawada.core.calibrate import calibration_logits
 from hawada.core.distill import KDConfig, distill_loss
+from hawada.core.export import param_count
 from hawada.core.gates import PenaltyWeights
-from hawada.core.profiler import latency_meter
 from hawada.core.proxy_cost import LatencyProxy
 from hawada.core.train import LagrangeTrainer, TrainConfig, make_latency_probe
-from tests.helpers import tiny_resnet
+from tests.helpers import latency_result, tiny_resnet
 
 X = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 Y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(1))
 
 
+def units_ms(widths: torch.Tensor, store) -> float:
+    """A latency that follows the kept units: 1 ms + 10 ms for keep-all."""
+    return 1.0 + 10.0 * float(widths.sum()) / float(store.seg_units.sum())
+
+
 def setup(mode="sigmoid", **cfg_kw):
+    """A gated tiny ResNet and its analytic proxy, calibrated on three sub-architectures whose
+    latency follows the kept units (:func:`units_ms`), not this machine's noisy timings: these
+    tests are about training, not about measurements."""
     teacher = tiny_resnet()
     student = hawada.attach(copy.deepcopy(teacher), hawada.GateConfig(mode=mode))
     store = hawada.gates(student)
     terms = get_adapter("resnet").cost_terms(student, X)
     proxy = LatencyProxy(store, terms, mode="analytic")
-    meter = latency_meter(X, "cpu", min_repeats=3, max_repeats=10, budget_s=0.2)
-    calib = measure_subarchs(student, calibration_logits(student, 3, 0), meter)
+    calib = []
+    for lg in calibration_logits(student, 3, 0):
+        with store.logits_as(lg):
+            w = store.open_units().detach().cpu()
+        calib.append((w, units_ms(w, store)))
     proxy.calibrate([w for w, _ in calib], [m for _, m in calib])
     cfg = TrainConfig(progress=False, **cfg_kw)
-    return teacher, student, store, proxy, meter, calib, cfg
+    return teacher, student, store, proxy, calib, cfg
 
 
 def test_one_pass_weight_gradient_is_exactly_the_kd_gradient():
-    teacher, student, store, proxy, meter, calib, cfg = setup(
+    teacher, student, store, proxy, calib, cfg = setup(
         "sigmoid", steps=5, lr_weights=0.0, penalties=PenaltyWeights(l0=1.0, floor=1.0, bimodal=1.0)
     )
     tr = LagrangeTrainer(student, teacher, proxy, target_ms=1e-3, cfg=cfg)
@@ -50,13 +61,9 @@ def test_one_pass_weight_gradient_is_exactly_the_kd_gradient():
 
 
 def test_lambda_rises_above_target_and_gates_close():
-    teacher, student, store, proxy, meter, calib, cfg = setup(
+    teacher, student, store, proxy, calib, cfg = setup(
         "hard_concrete", steps=25, lr_gates=0.2, lambda_lr=2.0, probe_every=0
     )
-    # latency that follows the kept units, not this machine's (noisy, possibly loaded) timings:
-    # the test is about the multiplier, not about the measurements
-    full = float(store.seg_units.sum())
-    proxy.calibrate([w for w, _ in calib], [1.0 + 10.0 * float(w.sum()) / full for w, _ in calib])
     keepall_ms = float(proxy(store.seg_units))
     tr = LagrangeTrainer(student, teacher, proxy, target_ms=0.4 * keepall_ms, cfg=cfg)
     hist = tr.fit([(X, Y)])
@@ -67,7 +74,7 @@ def test_lambda_rises_above_target_and_gates_close():
 
 
 def test_lambda_stays_at_zero_below_target_and_ramp_moves_the_target():
-    teacher, student, store, proxy, meter, calib, cfg = setup(steps=4, target_ramp_steps=10, probe_every=0)
+    teacher, student, store, proxy, calib, cfg = setup(steps=4, target_ramp_steps=10, probe_every=0)
     keepall_ms = float(proxy(store.seg_units))
     tr = LagrangeTrainer(student, teacher, proxy, target_ms=10 * keepall_ms, cfg=cfg)
     tr.fit([(X, Y)])
@@ -77,21 +84,67 @@ def test_lambda_stays_at_zero_below_target_and_ramp_moves_the_target():
     assert tr.target_at(10) == pytest.approx(10 * keepall_ms)
 
 
-def test_probes_measure_the_export_and_recalibrate_the_proxy():
-    teacher, student, store, proxy, meter, calib, cfg = setup(steps=4, probe_every=2)
-    n0 = len(calib)
-    tr = LagrangeTrainer(
-        student, teacher, proxy, 0.5, cfg, probe=make_latency_probe(student, meter), calibration=calib
+def test_probes_time_the_current_keep_set_and_recalibrate_the_proxy():
+    teacher, student, store, proxy, calib, cfg = setup(
+        "hard_concrete", steps=6, probe_every=2, lr_gates=2.0, lambda_lr=50.0
     )
-    tr.fit([(X, Y)])
-    probed = [h for h in tr.history if "real_ms" in h]
-    assert [h["step"] for h in probed] == [2, 4]
-    assert all(h["real_ms"] > 0 for h in probed)
-    assert len(calib) == n0 + 2 and len(proxy.calibration) == n0 + 2
+    n0 = len(calib)
+    full_params = param_count(hawada.export_keepall(student))
+
+    # the machine the probes "measure": 2 ms + 20 ms per keep-all's worth of parameters, recording
+    # the parameter count of every model it times (a different law from the starting fit's)
+    timed: list[int] = []
+
+    def params_meter(model):
+        timed.append(param_count(model))
+        return latency_result(2.0 + 20.0 * timed[-1] / full_params)
+
+    probe = make_latency_probe(student, params_meter)
+    before: dict[int, tuple[torch.Tensor, float]] = {}  # step -> (coefficients, the proxy's error)
+
+    def watched_probe(model=None):
+        with torch.no_grad():
+            predicted = float(proxy(store.open_units()))
+        res = probe(model)
+        before[tr.step_idx] = (proxy.coef.clone(), abs(predicted - res["median_ms"]))
+        return res
+
+    exported: dict[int, int] = {}  # step -> parameter count of the keep set after that step
+    after: dict[int, tuple[torch.Tensor, float]] = {}
+
+    def on_step(rec):
+        exported[rec["step"]] = param_count(hawada.export(student, hawada.ExportPolicy(check=False)))
+        if "real_ms" in rec:
+            with torch.no_grad():
+                err = abs(float(proxy(store.open_units())) - rec["real_ms"])
+            after[rec["step"]] = (proxy.coef.clone(), err)
+            # the refit holds the probed keep set's widths and measured latency
+            assert torch.equal(calib[-1][0], store.open_units().detach().float().cpu())
+            assert calib[-1][1] == rec["real_ms"]
+
+    keepall_ms = float(proxy(store.seg_units))
+    tr = LagrangeTrainer(
+        student, teacher, proxy, 0.3 * keepall_ms, cfg, probe=watched_probe, calibration=calib
+    )
+    tr.fit([(X, Y)], on_step=on_step)
+    probed = [h["step"] for h in tr.history if "real_ms" in h]
+    assert probed == [2, 4, 6]
+    # each probe timed the keep set of its own step: not keep-all, not the step before's
+    assert timed == [exported[s] for s in probed]
+    assert all(exported[s] < full_params for s in probed)
+    assert any(exported[s] != exported[s - 1] for s in probed)
+    assert [h["real_ms"] for h in tr.history if "real_ms" in h] == [
+        2.0 + 20.0 * n / full_params for n in timed
+    ]
+    assert len(calib) == n0 + 3 and len(proxy.calibration) == n0 + 3
+    for s in probed:  # every probe changed the fit, towards what it measured
+        (coef0, err0), (coef1, err1) = before[s], after[s]
+        assert not torch.equal(coef0, coef1), s
+        assert err1 < err0, s
 
 
 def test_alternating_mode_and_projection_keep_streams_open():
-    teacher, student, store, proxy, meter, calib, cfg = setup(
+    teacher, student, store, proxy, calib, cfg = setup(
         "ste", steps=3, alternating=True, lr_gates=5.0, lambda_lr=50.0, probe_every=0
     )
     tr = LagrangeTrainer(student, teacher, proxy, 1e-6, cfg)
@@ -104,7 +157,7 @@ def test_alternating_mode_and_projection_keep_streams_open():
 
 
 def test_bad_target_and_config():
-    teacher, student, store, proxy, meter, calib, cfg = setup(steps=1)
+    teacher, student, store, proxy, calib, cfg = setup(steps=1)
     with pytest.raises(ValueError, match="target latency"):
         LagrangeTrainer(student, teacher, proxy, 0.0, cfg)
     with pytest.raises(ValueError, match="amp"):
