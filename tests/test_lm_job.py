@@ -15,9 +15,13 @@ from hawada.config import recipe_from_dict  # noqa: E402
 from hawada.core.distill import kd_loss  # noqa: E402
 from hawada.data.lm import BOS, EOS, VOCAB_SIZE, decode, encode, split_tokens, stdlib_files  # noqa: E402
 from hawada.jobs.lm import DecodeStep, PrefillDecode, build_lm_job  # noqa: E402
+from tests.helpers import rerandomized  # noqa: E402
 
 
-def tiny_teacher(path: str, vocab: int = VOCAB_SIZE) -> None:
+def tiny_teacher(path: str, vocab: int = VOCAB_SIZE, tie: bool = True) -> None:
+    """A random two-layer Llama. Tied embeddings make a random model predict its input token
+    again (the largest logit is the token's own embedding); ``tie=False`` gives predictions that
+    depend on the weights."""
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         vocab_size=vocab,
@@ -28,7 +32,7 @@ def tiny_teacher(path: str, vocab: int = VOCAB_SIZE) -> None:
         num_key_value_heads=2,
         head_dim=8,
         max_position_embeddings=128,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie,
     )
     transformers.LlamaForCausalLM(cfg).save_pretrained(path)
 
@@ -99,15 +103,31 @@ def test_pipeline_smoke(tmp_path):
     from hawada.run import optimize
     from hawada.slim_io import load_slim
 
-    tiny_teacher(str(tmp_path / "t"))
+    tiny_teacher(str(tmp_path / "t"), tie=False)
     out = str(tmp_path / "run")
-    rep = optimize(recipe_from_dict(small_recipe(str(tmp_path / "t"), out)), log=lambda s: None)
+    recipe = recipe_from_dict(small_recipe(str(tmp_path / "t"), out))
+    rep = optimize(recipe, log=lambda s: None)
     assert rep["family"] == "hf_decoder"
-    for k in ("teacher_ppl", "student_ppl", "ppl_ratio", "top1_agreement"):
-        assert rep["agreement"][k] > 0
     assert rep["latency"]["slim"]["shapes"] == [[2, 1]]  # one decode step of 2 sequences
     slim = load_slim(os.path.join(out, "slim"))
     assert layer_widths(slim) == rep["layout"]["slim"]["layers"]
+    # the saved model is the one the report scored: the same perplexity and agreement on the test split
+    job = build_lm_job(recipe, torch.device("cpu"))
+    agreement = rep["agreement"]
+    again = job.evaluate(job.teacher, slim, "test")
+    assert again["tokens"] == agreement["tokens"] > 0
+    for k in ("teacher_ppl", "student_ppl", "ppl_ratio", "top1_agreement"):
+        assert again[k] == pytest.approx(agreement[k], rel=1e-5), k
+    assert agreement["ppl_ratio"] == pytest.approx(agreement["student_ppl"] / agreement["teacher_ppl"])
+    # the scale: the teacher against itself agrees exactly; the slim student (a short distillation
+    # from the teacher's weights) stays close to it, far above the same architecture with its
+    # weights redrawn at random (perplexity does not tell them apart: a random teacher's is about
+    # the vocabulary size, and so is theirs)
+    itself = job.evaluate(job.teacher, job.teacher, "test")
+    assert itself["top1_agreement"] == 1.0 and itself["ppl_ratio"] == 1.0
+    assert itself["teacher_ppl"] == pytest.approx(agreement["teacher_ppl"], rel=1e-6)
+    chance = job.evaluate(job.teacher, rerandomized(slim), "test")
+    assert agreement["top1_agreement"] > 0.8 and chance["top1_agreement"] < 0.3
     # TensorBoard scalars (tensorboard is a dev requirement): losses, lambda, latency, kept fractions
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
