@@ -144,10 +144,16 @@ def _build_op_fp32(op: str, spec: dict, widths: Sequence[int]) -> tuple[Callable
 
 
 def _time_op(
-    op: str, spec: dict, widths: tuple[int, ...], device: str, repeats: int, budget_s: float
+    op: str,
+    spec: dict,
+    widths: tuple[int, ...],
+    device: str,
+    repeats: int,
+    budget_s: float,
+    dtype: torch.dtype,
 ) -> float:
-    """Median ms of one table op at ``widths`` on ``device``."""
-    mod, inputs = _build_op(op, spec, widths)
+    """Median ms of one table op at ``widths`` on ``device`` in ``dtype``."""
+    mod, inputs = _build_op(op, spec, widths, dtype)
     if isinstance(mod, nn.Module):
         mod = mod.to(device)
     return measure_latency_ms(
