@@ -410,21 +410,9 @@ def test_bf16_checkpoint_runs_end_to_end(tmp_path, monkeypatch):
     from hawada.config import recipe_from_dict
     from hawada.run import optimize
     from hawada.slim_io import load_slim
-    from tests.test_lm_job import VOCAB_SIZE, small_recipe
+    from tests.test_lm_job import small_recipe, tiny_teacher
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=48,
-        intermediate_size=72,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(str(tmp_path / "t"))
+    tiny_teacher(str(tmp_path / "t"), dtype=torch.bfloat16)
     table_dtypes = []
     real = pc.LatencyProxy.measure_table
 

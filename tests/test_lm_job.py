@@ -18,7 +18,7 @@ from hawada.jobs.lm import DecodeStep, PrefillDecode, build_lm_job  # noqa: E402
 from tests.helpers import rerandomized  # noqa: E402
 
 
-def tiny_teacher(path: str, vocab: int = VOCAB_SIZE, tie: bool = True) -> None:
+def tiny_teacher(path: str, vocab: int = VOCAB_SIZE, tie: bool = True, dtype: torch.dtype | None = None) -> None:
     """A random two-layer Llama. Tied embeddings make a random model predict its input token
     again (the largest logit is the token's own embedding); ``tie=False`` gives predictions that
     depend on the weights."""
@@ -34,7 +34,8 @@ def tiny_teacher(path: str, vocab: int = VOCAB_SIZE, tie: bool = True) -> None:
         max_position_embeddings=128,
         tie_word_embeddings=tie,
     )
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    model = transformers.LlamaForCausalLM(cfg)
+    (model.to(dtype) if dtype is not None else model).save_pretrained(path)
 
 
 def small_recipe(path: str, out: str, **target) -> dict:

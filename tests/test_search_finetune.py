@@ -8,7 +8,7 @@ import hawada
 from hawada.adapters.base import get_adapter
 from hawada.core.export import keep_counts, param_count
 from hawada.core.finetune import FinetuneConfig, finetune_student, lr_lambda, recalibrate_batchnorm
-from hawada.core.profiler import LatencyResult, latency_meter, summarize_samples
+from hawada.core.profiler import latency_meter
 from hawada.core.search_export import (
     Judge,
     SearchConfig,
@@ -18,7 +18,7 @@ from hawada.core.search_export import (
     open_gates_by_logit,
     search_export,
 )
-from tests.helpers import tiny_resnet
+from tests.helpers import latency_result, tiny_resnet
 
 X = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
@@ -169,17 +169,7 @@ class DriftMeter:
     def __call__(self, model):
         ms = param_count(model) / 1000.0 * self.load
         self.load *= 1.04
-        return LatencyResult(
-            **summarize_samples([ms]),
-            n=1,
-            device="cpu",
-            dtype="float32",
-            shapes=[],
-            warmup=0,
-            timer="test",
-            threads=1,
-            samples_ms=[ms],
-        )
+        return latency_result(ms)
 
 
 def test_a_ratio_target_is_judged_against_keep_all_timed_next_to_each_export():
