@@ -53,16 +53,12 @@ class LoopModel:
             self.mods.append((s, p, sizes))
 
     def step(self) -> None:
-        import math
-
-        gamma, zeta = self.cfg.stretch
-        tau = self.cfg.tau
         total_units = sum(float(sz.sum()) for _, _, sz in self.mods)
         l0 = floor = bim = 0.0
         n_gates = sum(p.numel() for _, p, _ in self.mods)
         widths = {}
         for s, p, sz in self.mods:
-            prob = torch.sigmoid(p - tau * math.log(-gamma / zeta))
+            prob = torch.sigmoid(p)
             exp_u = (prob * sz).sum()
             widths[s.name] = exp_u
             l0 = l0 + exp_u / total_units

@@ -12,7 +12,7 @@ from hawada.core.gates import (
     penalty_terms,
     project_gates_into_constraints,
 )
-from hawada.ops import GATE_MODES
+from hawada.ops import GATE_MODES, gate_sample
 from tests.helpers import project_per_segment
 
 
@@ -74,8 +74,8 @@ def test_hard_concrete_probability_formula():
     st = make_store("hard_concrete", tau=0.5, stretch=(-0.1, 1.1))
     with torch.no_grad():
         st.logits.normal_()
-    expect = torch.sigmoid(st.logits - 0.5 * math.log(0.1 / 1.1))
-    assert torch.allclose(st.probs(), expect)
+    # the logit is the log-odds of a non-zero gate, at any temperature
+    assert torch.allclose(st.probs(), torch.sigmoid(st.logits))
 
 
 def test_eval_mode_is_hard_open_iff_logit_positive():
@@ -87,6 +87,30 @@ def test_eval_mode_is_hard_open_iff_logit_positive():
     assert st.gate_mask().tolist() == [1, 0, 0, 1, 1, 0, 1, 0, 1, 0]
     assert st.unit_mask("a").tolist() == [1, 1, 1, 0, 0, 0, 0, 0, 0, 1]
     assert st.open_units().tolist() == [4.0, 3.0, 0.0]
+
+
+@pytest.mark.parametrize("tau", [0.2, 2.0 / 3.0, 1.5])
+@pytest.mark.parametrize("stretch", [(-0.1, 1.1), (-0.5, 1.2)])
+def test_eval_rule_agrees_with_the_training_distribution(tau, stretch):
+    """Invariant 2: a gate is open in eval mode iff the training forward makes it non-zero more
+    often than not. 40,000 hard-concrete draws per gate: the non-zero frequency is the store's
+    probability (within 4 standard errors) and is above 1/2 exactly for the gates eval keeps open."""
+    st = make_store("hard_concrete", tau=tau, stretch=stretch)
+    logits = torch.tensor([-3.0, -1.5, -1.0, -0.3, 0.3, 1.0, 1.5, 3.0, -0.6, 0.6])
+    with torch.no_grad():
+        st.logits.copy_(logits)
+    draws = 40_000
+    # the store's own sampling op, on every gate repeated ``draws`` times
+    noise = torch.rand(draws * len(st), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        z = gate_sample(logits.repeat(draws), noise, st.tau, "hard_concrete", stretch)
+    freq = (z > 0).float().view(draws, len(st)).mean(0)
+    p = st.probs().detach()
+    se = (p * (1 - p) / draws).sqrt()
+    assert torch.all((freq - p).abs() <= 4 * se + 1e-4), (freq, p)
+    st.eval()
+    st.refresh()
+    assert torch.equal(st.gate_mask().bool(), freq > 0.5)
 
 
 def test_training_forward_samples_once_per_refresh():

@@ -51,9 +51,9 @@ def table(store: GateStore) -> SegmentTable:
 
 # ---------------------------------------------------------------------- plain references
 def plain_probs(store: GateStore) -> torch.Tensor:
-    lg, tau, (gamma, zeta) = store.logits, store.tau, store.config.stretch
+    lg, tau = store.logits, store.tau
     if store.config.mode == "hard_concrete":
-        return torch.sigmoid(lg - tau * math.log(-gamma / zeta))
+        return torch.sigmoid(lg)
     return torch.sigmoid(lg / tau)
 
 
@@ -66,7 +66,7 @@ def plain_sample(store: GateStore, noise: torch.Tensor) -> torch.Tensor:
         return (noise < p).to(lg.dtype) + p - p.detach()
     gamma, zeta = store.config.stretch
     u = noise.clamp(1e-6, 1 - 1e-6)
-    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + lg) / tau)
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + lg + tau * math.log(-gamma / zeta)) / tau)
     return (s * (zeta - gamma) + gamma).clamp(0.0, 1.0)
 
 

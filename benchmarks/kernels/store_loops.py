@@ -14,19 +14,18 @@ def sample_loop(store, noise: torch.Tensor) -> list[torch.Tensor]:
     out = []
     for s in store.segments:
         lg, u = store.logits[s.start : s.stop], noise[s.start : s.stop].clamp(1e-6, 1 - 1e-6)
-        z = torch.sigmoid((torch.log(u) - torch.log1p(-u) + lg) / store.tau)
+        z = torch.sigmoid((torch.log(u) - torch.log1p(-u) + lg + store.tau * math.log(-gamma / zeta)) / store.tau)
         out.append((z * (zeta - gamma) + gamma).clamp(0.0, 1.0))
     return out
 
 
 def penalties_loop(store, w) -> tuple[torch.Tensor, torch.Tensor]:
     """Expected-L0 + keep-floor + bimodality + expected widths, one segment at a time."""
-    lr = math.log(-store.config.stretch[0] / store.config.stretch[1])
     num = den = bim = floor = 0.0
     widths = []
     n = 0
     for i, s in enumerate(store.segments):
-        p = torch.sigmoid(store.logits[s.start : s.stop] - store.tau * lr)
+        p = torch.sigmoid(store.logits[s.start : s.stop])
         gs = store.gate_size[s.start : s.stop]
         e = (p * gs).sum()
         widths.append(e)

@@ -14,12 +14,14 @@ reference and the Triton kernels); this module calls them.
 Probability (docs/DESIGN.md, invariant 3): ``GateStore.probs()`` is the probability that a gate is
 non-zero under the very distribution the training forward samples from:
 
-* ``hard_concrete``: z = clamp(sigmoid((log u - log(1-u) + l) / tau) * (zeta - gamma) + gamma, 0, 1),
-  P(z > 0) = sigmoid(l - tau * log(-gamma / zeta)).
+* ``hard_concrete``: z = clamp(sigmoid((log u - log(1-u) + l + tau log(-gamma/zeta)) / tau)
+  * (zeta - gamma) + gamma, 0, 1), so that P(z > 0) = sigmoid(l): the logit is the log-odds of a
+  non-zero gate at every temperature.
 * ``sigmoid``: deterministic soft mask z = sigmoid(l / tau); "probability" sigmoid(l / tau).
 * ``ste``: z ~ Bernoulli(sigmoid(l / tau)) with a straight-through gradient; P = sigmoid(l / tau).
 
-In eval mode every gate is hard: open iff its logit > 0 (invariant 2).
+In eval mode every gate is hard: open iff its logit > 0, i.e. iff P(z != 0) > 1/2 under the
+distribution the training forward samples from, in every mode (invariant 2).
 """
 
 from __future__ import annotations
@@ -245,7 +247,7 @@ class GateStore(nn.Module):
         return gate_probs(self.logits, self.tau, self.config.mode, self.config.stretch)
 
     def hard_mask(self) -> torch.Tensor:
-        """``[N]`` eval-mode gates: 1.0 iff logit > 0."""
+        """``[N]`` eval-mode gates: 1.0 iff logit > 0, i.e. iff :meth:`probs` > 1/2."""
         return (self.logits.detach() > 0).to(self.logits.dtype)
 
     def sample(self, noise: torch.Tensor | None = None) -> torch.Tensor:

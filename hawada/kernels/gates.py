@@ -16,9 +16,10 @@ import triton.language as tl
 
 @triton.jit
 def _prob(lg, tau, log_ratio, MODE: tl.constexpr):
-    # P(gate != 0): hard_concrete sigmoid(l - tau log(-gamma/zeta)); otherwise sigmoid(l / tau)
+    # P(gate != 0): hard_concrete sigmoid(l) (its location is shifted by tau log(-gamma/zeta));
+    # otherwise sigmoid(l / tau)
     if MODE == 0:
-        return tl.sigmoid(lg - tau * log_ratio)
+        return tl.sigmoid(lg)
     else:
         return tl.sigmoid(lg / tau)
 
@@ -44,7 +45,7 @@ def gate_fwd_kernel(
     else:
         u = tl.load(noise_ptr + offs, mask=ok, other=0.5).to(tl.float32)
         u = tl.minimum(tl.maximum(u, 1e-6), 1.0 - 1e-6)
-        s = tl.sigmoid((tl.log(u) - tl.log(1.0 - u) + lg) / tau)
+        s = tl.sigmoid((tl.log(u) - tl.log(1.0 - u) + lg + tau * log_ratio) / tau)
         z = tl.minimum(tl.maximum(s * (zeta - gamma) + gamma, 0.0), 1.0)
     tl.store(out_ptr + offs, z.to(out_ptr.dtype.element_ty), mask=ok)
 
@@ -62,7 +63,7 @@ def gate_bwd_kernel(
     if SAMPLE == 1 and MODE == 0:
         u = tl.load(noise_ptr + offs, mask=ok, other=0.5).to(tl.float32)
         u = tl.minimum(tl.maximum(u, 1e-6), 1.0 - 1e-6)
-        s = tl.sigmoid((tl.log(u) - tl.log(1.0 - u) + lg) / tau)
+        s = tl.sigmoid((tl.log(u) - tl.log(1.0 - u) + lg + tau * log_ratio) / tau)
         pre = s * (zeta - gamma) + gamma
         inside = ((pre >= 0.0) & (pre <= 1.0)).to(tl.float32)  # torch.clamp passes the bounds
         d = inside * (zeta - gamma) * s * (1.0 - s) / tau

@@ -75,7 +75,8 @@ def _block(n: int) -> int:
 def gate_probs_ref(logits: torch.Tensor, tau: torch.Tensor, mode: str, lr: float) -> torch.Tensor:
     """``[N]`` probability each gate is non-zero (``lr`` = :func:`log_ratio` of the stretch)."""
     if mode == "hard_concrete":
-        return torch.sigmoid(logits - tau * lr)
+        # the logit is the log-odds of a non-zero gate (see gate_sample_ref), whatever tau is
+        return torch.sigmoid(logits)
     return torch.sigmoid(logits / tau)
 
 
@@ -89,8 +90,10 @@ def gate_sample_ref(
         p = torch.sigmoid(logits / tau)
         hard = (noise < p).to(logits.dtype)
         return hard + p - p.detach()
+    # location log(alpha) = l + tau log(-gamma/zeta): P(z != 0) = sigmoid(l), so "open iff l > 0",
+    # the eval rule, is "open iff P(z != 0) > 1/2" under the distribution training samples from
     u = noise.clamp(1e-6, 1 - 1e-6)
-    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + logits) / tau)
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + logits + tau * math.log(-gamma / zeta)) / tau)
     return (s * (zeta - gamma) + gamma).clamp(0.0, 1.0)
 
 
@@ -98,7 +101,7 @@ def _gate_grad_ref(logits, noise, tau, mode, sample, gamma, zeta, lr):
     """``dz/dl`` per gate, the formulas of the Triton backward."""
     if sample and mode == "hard_concrete":
         u = noise.clamp(1e-6, 1 - 1e-6)
-        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + logits) / tau)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + logits + tau * lr) / tau)
         pre = s * (zeta - gamma) + gamma
         return ((pre >= 0) & (pre <= 1)).to(logits.dtype) * (zeta - gamma) * s * (1 - s) / tau
     p = gate_probs_ref(logits, tau, mode, lr)
