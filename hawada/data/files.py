@@ -88,7 +88,7 @@ def _row_text(value, field: str, where: str) -> str:
 
 def _read_txt(path: str, rel: str) -> Iterator[Document]:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             yield Document(rel, f.read())
     except UnicodeDecodeError:
         raise TextFileError(f"{rel} is not UTF-8 text") from None
@@ -96,7 +96,7 @@ def _read_txt(path: str, rel: str) -> Iterator[Document]:
 
 def _read_jsonl(path: str, rel: str, field: str) -> Iterator[Document]:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             lines = f.read().splitlines()
     except UnicodeDecodeError:
         raise TextFileError(f"{rel} is not UTF-8 text") from None
@@ -116,8 +116,10 @@ def _read_jsonl(path: str, rel: str, field: str) -> Iterator[Document]:
 
 
 def _read_csv(path: str, rel: str, field: str) -> Iterator[Document]:
+    # csv refuses cells over 128 KiB by default; a document may be a whole article
+    limit = csv.field_size_limit(2**31 - 1)
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
             if reader.fieldnames is None or field not in reader.fieldnames:
                 cols = ", ".join(reader.fieldnames or []) or "none"
@@ -127,6 +129,8 @@ def _read_csv(path: str, rel: str, field: str) -> Iterator[Document]:
         raise TextFileError(f"{rel} is not UTF-8 text") from None
     except csv.Error as e:
         raise TextFileError(f"{rel} is not valid CSV: {e}") from None
+    finally:
+        csv.field_size_limit(limit)
     for i, text in enumerate(rows):
         yield Document(f"{rel}:{i}", text or "")
 
