@@ -52,8 +52,16 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    kind: Literal["digits", "imagefolder", "stdlib_docstrings", "stdlib_source"] = "digits"
-    path: str | None = knob(None, help="dataset folder (imagefolder)")
+    kind: Literal["digits", "imagefolder", "stdlib_docstrings", "stdlib_source", "text"] = "digits"
+    path: str | None = knob(
+        None,
+        help="imagefolder: the dataset folder; text: a .txt/.jsonl/.csv/.parquet file, a folder of "
+        "them, or a datasets save_to_disk folder",
+    )
+    field: str = knob(
+        "text",
+        help="text: the JSON key / column holding each document's text (.jsonl, .csv, .parquet, datasets)",
+    )
     image_size: int = knob(32, lo=8)
     batch_size: int = knob(64, lo=1)
     seq_len: int = knob(128, lo=8)
@@ -299,6 +307,8 @@ def recipe_from_dict(data: Any) -> Recipe:
         raise RecipeError("target: give ratio or latency_ms")
     if r.data.kind == "imagefolder" and not r.data.path:
         raise RecipeError("data.path: the imagefolder data kind needs a dataset folder")
+    if r.data.kind == "text" and not r.data.path:
+        raise RecipeError("data.path: the text data kind needs a file or folder of text")
     return r
 
 

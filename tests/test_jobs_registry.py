@@ -15,7 +15,7 @@ import hawada.jobs.base as base
 from hawada.config import DataSection
 from hawada.jobs import Job, build_job, job_builder, job_kinds, register_job
 from hawada.jobs.lm import build_lm_job
-from hawada.jobs.text import build_text_job
+from hawada.jobs.text import build_text_job, build_user_text_job
 from hawada.jobs.vision import build_vision_job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,11 +35,12 @@ def registry(monkeypatch):
 
 
 def test_builtin_kinds_resolve_to_their_builders() -> None:
-    assert job_kinds() == ["digits", "imagefolder", "stdlib_docstrings", "stdlib_source"]
+    assert job_kinds() == ["digits", "imagefolder", "stdlib_docstrings", "stdlib_source", "text"]
     assert job_builder("digits") is build_vision_job
     assert job_builder("imagefolder") is build_vision_job
     assert job_builder("stdlib_docstrings") is build_text_job
     assert job_builder("stdlib_source") is build_lm_job
+    assert job_builder("text") is build_user_text_job
 
 
 def test_every_kind_a_recipe_may_name_has_a_job() -> None:
@@ -59,7 +60,8 @@ def test_unknown_kind_is_one_line_naming_the_known_kinds() -> None:
     msg = str(e.value)
     assert "\n" not in msg
     assert (
-        msg == "data.kind 'parquet' has no job; known: digits, imagefolder, stdlib_docstrings, stdlib_source"
+        msg
+        == "data.kind 'parquet' has no job; known: digits, imagefolder, stdlib_docstrings, stdlib_source, text"
     )
 
 
@@ -113,10 +115,10 @@ def test_register_job_needs_a_kind() -> None:
 
 def test_builtin_jobs_load_without_optional_libraries() -> None:
     # the lookup imports every built-in job module: none may need torchvision, scikit-learn or
-    # transformers before a job of its kind is built
+    # transformers (nor datasets) before a job of its kind is built
     code = (
         "import sys\n"
-        "for m in ('torchvision', 'sklearn', 'transformers', 'safetensors'):\n"
+        "for m in ('torchvision', 'sklearn', 'transformers', 'safetensors', 'datasets', 'pyarrow'):\n"
         "    sys.modules[m] = None\n"
         "from hawada.jobs import job_kinds\n"
         "print(','.join(job_kinds()))\n"
@@ -124,4 +126,4 @@ def test_builtin_jobs_load_without_optional_libraries() -> None:
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True
     )
-    assert out.stdout.strip() == "digits,imagefolder,stdlib_docstrings,stdlib_source"
+    assert out.stdout.strip() == "digits,imagefolder,stdlib_docstrings,stdlib_source,text"

@@ -14,7 +14,7 @@ import hashlib
 import inspect
 import os
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -122,6 +122,45 @@ class Corpus:
     info: dict = field(default_factory=dict)
 
 
+def collect_passages(units: Iterable[tuple[str, Iterable[str]]], budget: float, root: str) -> Corpus:
+    """Passages of ``(split, passages)`` units (modules, documents), visited in the given order
+    until ``budget`` characters are collected.
+
+    A passage seen before is dropped: repeated boilerplate would otherwise leak across splits.
+    ``Corpus.modules`` counts the units that gave at least one passage, per split.
+    """
+    splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    modules = {k: 0 for k in splits}
+    chars = {k: 0 for k in splits}
+    total = 0
+    seen: set[str] = set()
+    for split, ps in units:
+        if total >= budget:
+            break
+        got = 0
+        for p in ps:
+            if p in seen:
+                continue
+            seen.add(p)
+            splits[split].append(p)
+            chars[split] += len(p)
+            got += len(p)
+        if got:
+            modules[split] += 1
+            total += got
+    return Corpus(splits, modules, chars, root)
+
+
+def _module_passages(path: str) -> Iterator[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            src = f.read()
+    except (UnicodeDecodeError, OSError):
+        return
+    for doc in docstrings(src):
+        yield from passages(doc)
+
+
 def build_corpus(max_chars: int | None = None, root: str | None = None) -> Corpus:
     """Docstring passages of the standard library (or of the ``.py`` files under ``root``).
 
@@ -131,35 +170,11 @@ def build_corpus(max_chars: int | None = None, root: str | None = None) -> Corpu
     budget = DEFAULT_MAX_CHARS if max_chars is None else int(max_chars)
     mods = stdlib_modules(root)
     mods.sort(key=lambda m: (_hash("order:" + m[0]), m[0]))
-    splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
-    modules = {k: 0 for k in splits}
-    chars = {k: 0 for k in splits}
-    total = 0
-    seen: set[str] = set()
-    for name, path in mods:
-        if total >= budget:
-            break
-        try:
-            with open(path, encoding="utf-8") as f:
-                src = f.read()
-        except (UnicodeDecodeError, OSError):
-            continue
-        split = split_of(name)
-        got = 0
-        for doc in docstrings(src):
-            for p in passages(doc):
-                if p in seen:  # repeated boilerplate docstrings would leak across splits
-                    continue
-                seen.add(p)
-                splits[split].append(p)
-                chars[split] += len(p)
-                got += len(p)
-        if got:
-            modules[split] += 1
-            total += got
-    if total == 0:
+    units = ((split_of(name), _module_passages(path)) for name, path in mods)
+    corpus = collect_passages(units, budget, root or sysconfig.get_paths()["stdlib"])
+    if sum(corpus.chars.values()) == 0:
         raise TextDataError(f"no docstring passages found under {root or 'the standard library'}")
-    return Corpus(splits, modules, chars, root or sysconfig.get_paths()["stdlib"])
+    return corpus
 
 
 def check_tokenizer_folder(path: str) -> None:
@@ -196,6 +211,10 @@ class Tokenized:
 
 
 def tokenize(tokenizer, texts: list[str], seq_len: int) -> Tokenized:
+    """``[N, seq_len]`` ids and mask of N passages (truncated, right-padded); N may be 0."""
+    if not texts:  # a fast tokenizer fails on an empty batch
+        empty = torch.zeros(0, seq_len, dtype=torch.long)
+        return Tokenized(empty, empty.clone())
     enc = tokenizer(texts, truncation=True, max_length=seq_len, padding="max_length", return_tensors="pt")
     return Tokenized(enc["input_ids"], enc["attention_mask"])
 

@@ -1,8 +1,9 @@
-"""Causal language-model jobs (``data.kind: stdlib_source``) for the ``hf_decoder`` family.
+"""Causal language-model jobs (``data.kind: stdlib_source``, and ``text`` with this family) for
+the ``hf_decoder`` family.
 
-The corpus is the standard library's source (:mod:`hawada.data.lm`), tokenised by the model
-folder's packaged tokenizer when it ships one, else byte-level. What is timed follows the
-recipe's ``target`` section:
+The corpus is the standard library's source (:mod:`hawada.data.lm`) or the user's documents
+(:mod:`hawada.data.files`), tokenised by the model folder's packaged tokenizer when it ships one,
+else byte-level. What is timed follows the recipe's ``target`` section:
 
 * ``phase: decode`` - one decode step of ``batch_size`` sequences against a KV cache holding
   ``context_len`` tokens (the cache is cropped back before every call, so repeated calls time
@@ -22,6 +23,7 @@ from torch import nn
 from hawada.adapters.base import get_adapter
 from hawada.adapters.hf_decoder import CheckpointError, VocabMismatchError, check_same_vocab
 from hawada.config import Recipe
+from hawada.data.files import lm_splits, read_documents
 from hawada.data.lm import Tokenizer, stdlib_splits
 from hawada.errors import InputError
 from hawada.jobs.base import Job, register_job
@@ -124,17 +126,18 @@ def lm_metrics(teacher: nn.Module, student: nn.Module, loader, device: torch.dev
     }
 
 
-@register_job("stdlib_source")
+@register_job("stdlib_source")  # and data.kind text, through jobs.text.build_user_text_job
 def build_lm_job(recipe: Recipe, device: torch.device) -> Job:
     d, m, tgt = recipe.data, recipe.model, recipe.target
     adapter = get_adapter(m.family)
     if adapter.family != "hf_decoder":
-        raise InputError(f"data.kind stdlib_source needs model.family hf_decoder, got {m.family!r}")
+        raise InputError(f"data.kind {d.kind} needs model.family hf_decoder, got {m.family!r}")
     if m.path is None or not os.path.isdir(m.path):
         raise CheckpointError(
             f"model.path: model folder not found: {m.path} (the tiny teacher is made by "
             "benchmarks/train_tiny_llama.py)"
         )
+    docs = read_documents(d.path, d.field) if d.kind == "text" else []  # bad data fails before loading
     teacher = adapter.load_model(m.arch, 0, m.path, attn_implementation=m.attn_implementation)
     tok = Tokenizer.from_folder(m.path) or Tokenizer()
     vocab = teacher.get_input_embeddings().num_embeddings
@@ -142,7 +145,10 @@ def build_lm_job(recipe: Recipe, device: torch.device) -> Job:
         raise VocabMismatchError(
             f"model vocabulary has {vocab} tokens but the data's tokenizer produces ids up to {tok.vocab_size - 1}"
         )
-    splits = stdlib_splits(d.seq_len, d.batch_size, d.max_chars, seed=recipe.seed, tokenizer=tok)
+    if d.kind == "text":
+        splits = lm_splits(docs, d.seq_len, d.batch_size, d.max_chars, seed=recipe.seed, tokenizer=tok)
+    else:
+        splits = stdlib_splits(d.seq_len, d.batch_size, d.max_chars, seed=recipe.seed, tokenizer=tok)
     teacher.to(device).eval()
     lat_in, wrap = make_timed(tgt.phase, tgt.batch_size, tgt.context_len, tgt.decode_tokens)
     # the proxy's cost terms describe what is timed
@@ -155,6 +161,7 @@ def build_lm_job(recipe: Recipe, device: torch.device) -> Job:
         "data": d.kind,
         "tokenizer": "packaged" if tok.encode_fn is not None else "bytes",
         "train_sequences": int(splits["train"].sequences.shape[0]),
+        **({"documents": len(docs)} if d.kind == "text" else {}),
         "seq_len": d.seq_len,
         "timed": {
             "phase": tgt.phase,

