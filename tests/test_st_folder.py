@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
+import sentence_transformers as st  # the optional extra hawada[st]; pinned in requirements-dev.txt
 import torch
 from transformers import BertConfig, BertModel
 
@@ -23,8 +26,6 @@ from hawada.core.gates import GateConfig
 from hawada.data.text import load_tokenizer, tokenize
 from hawada.errors import InputError
 from hawada.jobs.text import embed, packaged_minilm_folder
-
-st = pytest.importorskip("sentence_transformers")  # the optional extra: pip install hawada[st]
 
 RECIPE = os.path.join(os.path.dirname(__file__), "..", "recipes", "cpu", "minilm-l6.yaml")
 TEXTS = [
@@ -266,9 +267,18 @@ def test_writer_needs_no_sentence_transformers_and_names_the_modules(tmp_path) -
     with open(tmp_path / "sentence_bert_config.json") as f:
         assert "max_seq_length" not in json.load(f)
     assert not (tmp_path / "2_Normalize").exists()
-    # the module does not import the package: writing works without it installed
-    with open(st_folder.__file__) as f:
-        assert "import sentence_transformers" not in f.read()
+    # writing works where sentence-transformers cannot be imported (None in sys.modules blocks it)
+    code = (
+        "import sys; sys.modules['sentence_transformers'] = None\n"
+        "from hawada.adapters import st_folder\n"
+        "st_folder.write_st_folder(sys.argv[1], st_folder.Pooling(('mean',), True), 48, 32)\n"
+        "assert st_folder.read_st_folder(sys.argv[1]).pooling == st_folder.Pooling(('mean',), True)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    blocked = tmp_path / "blocked"
+    res = subprocess.run([sys.executable, "-c", code, str(blocked)], cwd=root, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert (blocked / "2_Normalize" / "config.json").is_file()
 
 
 def test_text_run_slim_folder_loads_in_sentence_transformers(tmp_path) -> None:
@@ -326,3 +336,24 @@ def test_text_run_slim_folder_loads_in_sentence_transformers(tmp_path) -> None:
     theirs = st_embeddings(slim_dir, trust_remote_code=True)
     assert max_abs(ours, theirs) < TOL
     assert not torch.allclose(ours.norm(dim=-1), torch.ones(len(TEXTS)), atol=1e-3)
+
+
+def test_uniform_slim_loads_without_remote_code(tmp_path) -> None:
+    """Every layer keeping the same widths (all heads, the same FFN groups closed): the stock config
+    describes the model, and plain ``SentenceTransformer(path)`` loads it exactly."""
+    g = hawada.attach(tiny_bert(), GateConfig(group_size={"ffn": 16}))
+    store = hawada.gates(g)
+    with torch.no_grad():
+        store.logits.fill_(3.0)
+        for i in range(3):
+            s = store.segment(f"layer{i}.ffn")
+            store.logits[s.start + 1 : s.start + 3] = -3.0
+    g.eval()
+    slim = hawada.export(g)
+    assert stock_loadable(slim) and slim.config.intermediate_size == 68
+    folder = str(tmp_path / "slim")
+    HFEncoderAdapter().save(slim, folder)
+    copy_tokenizer(folder)
+    st_folder.write_st_folder(folder, st_folder.pooling_of(slim), slim.config.hidden_size, 64)
+    theirs = st_embeddings(folder)
+    assert max_abs(hawada_embeddings(slim, folder, 64), theirs) < TOL
