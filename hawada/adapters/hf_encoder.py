@@ -17,8 +17,10 @@ layer whose FFN is all closed gets zero-width linears. The per-layer layout is s
 
 A classifier (``*ForImageClassification``, ``*ForSequenceClassification``) stays one from loading
 to the saved slim folder: its head is never gated or sliced, and distillation compares its
-``[B, C]`` logits (``kd_kind`` ``logits``); a bare encoder is distilled on its mean-pooled
-embeddings (``kd_kind`` ``embedding``).
+``[B, C]`` logits (``kd_kind`` ``logits``); a bare encoder is distilled on its pooled embeddings
+(``kd_kind`` ``embedding``). The pooling is a property of the model, recorded on its config
+(:mod:`hawada.adapters.st_folder`): a sentence-transformers folder's Pooling/Normalize modules when
+loaded from one, the normalised mean over real tokens otherwise.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ import shutil
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from hawada.adapters import st_folder
 from hawada.adapters.base import Adapter, UnknownModelError, register_adapter
 from hawada.core.export import ExportPolicy, clone_without_gates, slice_linear, store_of
 from hawada.core.gates import GateConfig, GateStore
@@ -142,13 +144,15 @@ def _is_bare(model: nn.Module) -> bool:
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """``[B, L, D]`` hidden states, ``[B, L]`` mask -> ``[B, D]`` L2-normalised mean over real tokens."""
-    if attention_mask is None:
-        pooled = hidden.mean(1)
-    else:
-        m = attention_mask.to(hidden.dtype).unsqueeze(-1)
-        pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
-    return F.normalize(pooled, dim=-1)
+    """``[B, L, D]`` hidden states, ``[B, L]`` mask -> ``[B, D]`` L2-normalised mean over real tokens
+    (the default pooling of a bare encoder)."""
+    return st_folder.pool(hidden, attention_mask, st_folder.DEFAULT_POOLING)
+
+
+def embedding(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """``[B, L, D]`` last hidden states -> ``[B, k * D]`` embeddings, pooled as ``model``'s config
+    records (:func:`hawada.adapters.st_folder.pooling_of`)."""
+    return st_folder.pool(hidden, attention_mask, st_folder.pooling_of(model))
 
 
 _TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -225,11 +229,12 @@ class HFEncoderAdapter(Adapter):
         return {"pixel_values": x}
 
     def output(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        """``[B, D]`` normalised mean-pooled embeddings (bare encoders) or ``[B, C]`` logits."""
+        """``[B, D]`` pooled embeddings (bare encoders; the model's recorded pooling, see
+        :func:`embedding`) or ``[B, C]`` logits."""
         inputs = self.model_inputs(batch)
         out = model(**inputs)
         if _is_bare(model):
-            return mean_pool(out.last_hidden_state, inputs.get("attention_mask"))
+            return embedding(model, out.last_hidden_state, inputs.get("attention_mask"))
         return out.logits
 
     def kd_outputs(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -239,7 +244,7 @@ class HFEncoderAdapter(Adapter):
         out = model(**inputs, output_hidden_states=True)
         states = list(out.hidden_states[1:])  # [0] is the embeddings' output
         if _is_bare(model):
-            return mean_pool(out.last_hidden_state, inputs.get("attention_mask")), states
+            return embedding(model, out.last_hidden_state, inputs.get("attention_mask")), states
         return out.logits, states
 
     def example_inputs(self, model: nn.Module, batch_size: int = 2) -> Any:
@@ -399,14 +404,16 @@ class HFEncoderAdapter(Adapter):
     def load_model(self, arch: str, num_classes: int, path: str | None = None) -> nn.Module:
         """A pretrained encoder from the local folder ``path`` (nothing is downloaded): a saved slim
         model, the classifier its config declares, or the bare encoder (see :func:`load_pretrained`).
-        ``kd_kind`` follows: ``logits`` for a classifier, ``embedding`` for a bare encoder."""
+        ``kd_kind`` follows: ``logits`` for a classifier, ``embedding`` for a bare encoder. A
+        sentence-transformers folder gives its Transformer module's encoder, with the pooling its
+        modules declare recorded on the model (:func:`apply_folder_pooling`)."""
         if path is None:
             raise InputError("model.path: the hf_encoder family needs a local model folder")
         if not os.path.isdir(path):
             raise PathNotFoundError(f"model.path: folder not found: {path}")
         if os.path.isfile(os.path.join(path, "layout.json")):
-            return self.load(path)
-        model = load_pretrained(path)
+            return apply_folder_pooling(self.load(path), path)
+        model = apply_folder_pooling(load_pretrained(st_folder.transformer_folder(path)), path)
         self.kd_kind = "embedding" if _is_bare(model) else "logits"
         return model.eval()
 
@@ -420,6 +427,15 @@ class HFEncoderAdapter(Adapter):
 
     def layout(self, model: nn.Module) -> dict:
         return _layout(model)
+
+
+def apply_folder_pooling(model: nn.Module, path: str) -> nn.Module:
+    """Record on ``model`` the pooling of the sentence-transformers folder ``path`` (its modules are
+    what ``SentenceTransformer(path)`` applies); a plain folder leaves the model as it is."""
+    pooling = st_folder.folder_pooling(path)
+    if pooling is not None:
+        st_folder.set_pooling(model, pooling)
+    return model
 
 
 def _layout(model: nn.Module, head_dim: int | None = None) -> dict:

