@@ -2,12 +2,18 @@
 
 Objective per step (one forward/backward by default)::
 
-    L = KD(student, teacher) + penalties(gates) + lambda * relu(proxy_ms - target_ms) / target_ms
+    L = KD(student, teacher) + penalties(gates) + latency term, v = (proxy_ms - target_ms) / target_ms
+
+    constraint "hinge":    latency term = lambda * relu(v),        lambda in [0, lambda_max]
+    constraint "equality": latency term = lambda * v + mu * v**2,  lambda in [-lambda_max, lambda_max]
 
 Penalties and the latency term depend only on the gate logits, so the weights' gradient of L
 is exactly the KD gradient and one backward serves both optimizers. ``alternating=True``
 keeps the two-pass step (weights from KD, then gates from the full objective on a new forward).
-lambda follows projected dual ascent: lambda <- clip(lambda + lr * violation, 0, lambda_max).
+lambda follows projected dual ascent: lambda <- clip(lambda + lambda_lr * v, ...). The hinge only
+pushes down: below the target only distillation reopens gates, so a run can overshoot and stay
+there. The equality form (the Lagrangian of structured-pruning work that lands on a target size)
+lets lambda go negative, which pushes gates back open, and its quadratic term damps the swing.
 
 A bf16/fp16 student's weights are trained through fp32 master copies
 (:class:`~hawada.core.loop.MasterWeights`): the forward and backward run in the model's dtype,
@@ -64,6 +70,7 @@ __all__ = [
 ]
 
 AmpMode = Literal["off", "bf16", "fp16"]
+Constraint = Literal["hinge", "equality"]
 AMP_MODES = typing.get_args(AmpMode)
 
 
@@ -82,6 +89,19 @@ class TrainConfig:
     lambda_lr: float = knob(0.5, lo=0.0, lo_open=True)
     lambda_max: float = knob(100.0, lo=0.0, lo_open=True)
     target_ramp_steps: int = knob(0, lo=0)
+    constraint: Constraint = knob(
+        "hinge", help="latency term: hinge (only above the target) or equality (both sides, lands on it)"
+    )
+    lambda_quad: float = knob(
+        10.0, lo=0.0, help="constraint equality: weight mu of the quadratic term mu * v**2"
+    )
+    price_eval_frac: float = knob(
+        0.25,
+        lo=0.0,
+        hi=1.0,
+        help="last fraction of the gate steps (after the target ramp) in which the latency term "
+        "prices the eval-mode keep set, the one export takes, with a straight-through gradient",
+    )
     probe_every: int = knob(50, lo=0)
     alternating: bool = False
     amp: AmpMode = "off"
@@ -250,14 +270,35 @@ class LagrangeTrainer:
             teacher_grad_off=torch.no_grad if self.sharded else torch.inference_mode,
         )
 
+    def prices_eval_set(self, step: int) -> bool:
+        """Whether step ``step`` prices the eval-mode keep set (the last ``price_eval_frac`` of
+        the steps, never before the target ramp ends)."""
+        f = self.cfg.price_eval_frac
+        start = max(self.cfg.target_ramp_steps, int(round(self.cfg.steps * (1.0 - f))))
+        return f > 0 and step >= start
+
     def _gate_terms(self, target: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pen = combined_penalty(self.store, self.cfg.penalties)
         proxy_ms = self.proxy(self.store.expected_units())
-        # A hinge, not the signed violation: Adam's step on the logits does not shrink with lambda,
-        # so a signed term keeps closing gates after the target is met (runs overshoot it by 2x and
-        # more). Below the target only distillation moves the gates (back open); lambda itself
-        # still follows the signed violation.
-        lat = self.lam * torch.relu(proxy_ms - target) / target
+        if self.prices_eval_set(self.step_idx):
+            # Train what you export (invariant 7). The expected widths price every gate by its
+            # probability, but export keeps the gates with P(z != 0) > 1/2: while gates are not yet
+            # saturated the two keep sets differ by tens of percent of the latency. So as training
+            # ends, the hinge and lambda see the proxy of the eval keep set, and the gradient
+            # reaches the logits through the expected widths (straight through): lambda then holds
+            # the latency of the model export will take, and stops rising once that one is on target.
+            hard_ms = self.proxy(self.store.open_units().detach())
+            proxy_ms = proxy_ms + (hard_ms - proxy_ms).detach()
+        # hinge: a bare signed term lambda * v keeps closing gates after the target is met while
+        # lambda > 0 (Adam's step on the logits does not shrink with lambda), so only the excess is
+        # priced and below the target only distillation reopens gates. equality: lambda may go
+        # negative and reopen gates itself; the quadratic term pulls toward the target from both
+        # sides with a force that shrinks as v does, which damps the swing of lambda.
+        v = (proxy_ms - target) / target
+        if self.cfg.constraint == "equality":
+            lat = self.lam * v + self.cfg.lambda_quad * v * v
+        else:
+            lat = self.lam * torch.relu(v)
         return pen, lat, proxy_ms
 
     @property
@@ -327,7 +368,8 @@ class LagrangeTrainer:
             project_gates_into_constraints(self.store)
             with torch.no_grad():
                 viol = (proxy_ms.detach() - target) / target
-                self.lam.add_(cfg.lambda_lr * viol).clamp_(0.0, cfg.lambda_max)
+                lo = -cfg.lambda_max if cfg.constraint == "equality" else 0.0
+                self.lam.add_(cfg.lambda_lr * viol).clamp_(lo, cfg.lambda_max)
         self.step_idx += 1
         self.check_replicas()
         opened = self.store.open_units()  # [S]
@@ -340,6 +382,7 @@ class LagrangeTrainer:
             "target_ms": target,
             "kept": float(opened.sum() / self.store.seg_units.sum()),
             "tau": float(self.store.tau),
+            "prices_eval": self.prices_eval_set(self.step_idx - 1),
         }
         for kind, idx in self._kind_index.items():  # kept fraction per segment kind
             rec[f"kept_{kind}"] = float(opened[idx].sum() / self.store.seg_units[idx].sum())
