@@ -68,7 +68,7 @@ class Rounding:
             # keeps them all), undoing what the gates chose where the multiple cannot pay off.
             k = o
         elif o > 0:
-            lo = o // m * m
+            lo = o if o == units else o // m * m  # the full size is allowed: floor keeps it
             # the next allowed count up is the next multiple, or the full size when that is past
             # it: never round above the segment (there is no unit to add), and the full size is
             # as fast a shape as any multiple for the device (it is the original model's)
