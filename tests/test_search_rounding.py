@@ -5,6 +5,7 @@ model being the one timed."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from hawada.core.search_export import SearchConfig, grid_search_latency, search_
 from hawada.errors import InputError
 from tests.helpers import latency_result, tiny_digits_recipe
 from tests.test_search_finetune import ParamMeter, gated_random
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---------------------------------------------------------------------- rounding
@@ -90,7 +93,7 @@ def test_only_the_listed_kinds_are_rounded():
 
 @pytest.mark.parametrize("device", ["H100", "H200"])
 def test_llama_recipes_round_only_the_ffn(device):
-    r = load_recipe(f"recipes/{device}/llama_3_2_1b.yaml")
+    r = load_recipe(os.path.join(ROOT, "recipes", device, "llama_3_2_1b.yaml"))
     assert r.search.kinds == ["ffn"] and max(r.search.multiples) >= 64
 
 
@@ -201,10 +204,14 @@ def test_export_uniform_times_and_describes_the_uniform_model():
     ad = HFDecoderAdapter()
     ad.attach(student, GateConfig(group_size={"ffn": 16}))
     st = store_of(student)
-    with torch.no_grad():  # layers of different widths, so that the uniform layout is another model
-        st.logits.copy_(torch.randn(len(st), generator=torch.Generator().manual_seed(3)) * 2)
+    # layers of different widths whose mean is not a whole count (query slots 1, 2, 2 of 3 per
+    # KV group; FFN groups 2, 8, 3 of 8), so that the uniform layout is another model
+    opened = {"heads": [1, 2, 2], "kv": [2, 2, 2], "ffn": [2, 8, 3]}
+    with torch.no_grad():
         for s in st.segments:
-            st.logits[s.start] = 2.0
+            layer, part = s.name.split(".")
+            k = opened[part][int(layer.removeprefix("layer"))]
+            st.logits[s.start : s.stop] = torch.tensor([2.0] * k + [-2.0] * (s.count - k))
     student.eval()
     recipe = recipe_from_dict(
         tiny_digits_recipe(
