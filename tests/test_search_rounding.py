@@ -14,6 +14,7 @@ import hawada
 from hawada.config import load_recipe, recipe_from_dict
 from hawada.core.distributed import SINGLE
 from hawada.core.export import ExportPolicy, Rounding, export, keep_counts, param_count, store_of
+from hawada.core.profiler import ratio_ci
 from hawada.core.search_export import SearchConfig, grid_search_latency, search_export
 from hawada.errors import InputError
 from tests.helpers import latency_result, tiny_digits_recipe
@@ -178,6 +179,10 @@ def test_an_absolute_target_is_held_with_the_interval_of_the_median():
         assert f["ratio"] == pytest.approx(f["median_ms"] / (0.9 * full_ms))
         assert f["within_target"] == (f["ratio_ci"][1] <= 1.0)
     assert res.met_target and res.best["limit_ms"] == pytest.approx(0.9 * full_ms)
+    # ratio_ci over a fixed number: only the numerator's samples are resampled
+    assert ratio_ci(latency_result([4.0, 4.0]), 2.0) == pytest.approx((2.0, 2.0))
+    lo, hi = ratio_ci(latency_result([3.0, 4.0, 5.0, 4.0, 4.0]), 2.0)
+    assert 1.5 <= lo < 2.0 < hi <= 2.5
 
 
 # ---------------------------------------------------------------------- export.uniform
