@@ -67,9 +67,7 @@ class ParamMeter:
     """A deterministic stand-in for the latency meter: 1 ms per 1000 parameters."""
 
     def __call__(self, model):
-        from types import SimpleNamespace
-
-        return SimpleNamespace(median_ms=param_count(model) / 1000.0, spread_ms=0.0, n=1)
+        return latency_result(param_count(model) / 1000.0)
 
 
 def test_closed_gates_come_highest_logit_first_within_and_across_segments():

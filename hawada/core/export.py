@@ -39,10 +39,12 @@ class ExportRequestError(ExportError, InputError):
 class Rounding:
     """Round each segment's kept unit count to a multiple the device runs fast.
 
-    ``multiple``: units are kept in multiples of this (the segment's full size always counts
-    as allowed). ``mode``: ``nearest``, ``floor`` or ``ceil``. ``min_keep_ratio``: never
-    keep fewer than this fraction of the units. A segment with no open unit stays closed
-    unless ``min_keep_ratio`` > 0; an open segment never rounds down to zero.
+    ``multiple``: units are kept in multiples of this; the segment's full size always counts
+    as allowed, and no count is ever rounded above it. ``mode``: ``nearest`` (the nearer
+    allowed count, ties up: 12 -> 16 and 20 -> 24 for a multiple of 8), ``floor`` or ``ceil``.
+    ``min_keep_ratio``: never keep fewer than this fraction of the units. A segment with no
+    open unit stays closed unless ``min_keep_ratio`` > 0; an open segment never rounds down to
+    zero. A segment no larger than ``multiple`` keeps its count unrounded.
     """
 
     multiple: int = 1
@@ -58,10 +60,26 @@ class Rounding:
             raise InputError(f"min_keep_ratio must be in [0, 1], got {self.min_keep_ratio}")
 
     def apply(self, open_units: int, units: int) -> int:
-        m = self.multiple
-        if open_units > 0:
-            f = {"nearest": round, "floor": math.floor, "ceil": math.ceil}[self.mode]
-            k = max(m, int(f(open_units / m)) * m)
+        """The kept count of a segment of ``units`` units with ``open_units`` open ones."""
+        m, o = self.multiple, int(open_units)
+        if m >= units:
+            # The only counts such a segment has at this multiple are 0 and its full size: rounding
+            # would close it or reopen every unit (a multiple of 64 on 4 query slots or 8 KV groups
+            # keeps them all), undoing what the gates chose where the multiple cannot pay off.
+            k = o
+        elif o > 0:
+            lo = o if o == units else o // m * m  # the full size is allowed: floor keeps it
+            # the next allowed count up is the next multiple, or the full size when that is past
+            # it: never round above the segment (there is no unit to add), and the full size is
+            # as fast a shape as any multiple for the device (it is the original model's)
+            hi = o if o == lo else min(lo + m, units)
+            if self.mode == "floor":
+                k = lo
+            elif self.mode == "ceil":
+                k = hi
+            else:  # nearest, half up: Python's round() rounds half to even (20/8 -> 16, not 24)
+                k = hi if o - lo >= hi - o else lo
+            k = max(k, m)  # an open segment never rounds down to zero
         else:
             k = 0
         k = max(k, math.ceil(self.min_keep_ratio * units))

@@ -493,15 +493,21 @@ def measure_pooled(models: list[nn.Module], meter: Meter, rounds: int = 3) -> li
 
 
 def ratio_ci(
-    num: LatencyResult, den: LatencyResult, level: float = 0.95, resamples: int = 2000, seed: int = 0
+    num: LatencyResult,
+    den: LatencyResult | float,
+    level: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
 ) -> tuple[float, float]:
     """Bootstrap interval of ``median(num) / median(den)`` (e.g. a speedup: keep-all over slim).
 
     Each side's samples are resampled with replacement (a fixed seed: the same samples give the
-    same interval); returns the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles.
+    same interval); returns the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles. ``den``
+    may be a fixed number (e.g. an absolute latency target): then only ``num`` varies.
     """
     a = torch.tensor(num.samples_ms, dtype=torch.float64)
-    b = torch.tensor(den.samples_ms, dtype=torch.float64)
+    den_ms = [float(den)] if isinstance(den, int | float) else den.samples_ms
+    b = torch.tensor(den_ms, dtype=torch.float64)
     if a.numel() == 0 or b.numel() == 0:
         raise ValueError("ratio_ci needs the samples of both measurements")
     g = torch.Generator().manual_seed(seed)

@@ -1,10 +1,11 @@
 """Choose the export by measured latency on the target device: a grid of roundings, then a
-binary search that reopens (fill) or closes (trim) gates in logit order."""
+binary search that reopens (fill) or closes (trim) gates in logit order, then the best few
+re-timed interleaved with keep-all and held to the target with a margin for their spread."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -21,14 +22,22 @@ from hawada.core.export import (
     store_of,
 )
 from hawada.core.export import export as export_model
-from hawada.core.profiler import LatencyResult, Meter, measure_pooled
+from hawada.core.profiler import LatencyResult, Meter, measure_pooled, ratio_ci
 from hawada.core.schema import check_fields, knob
 from hawada.errors import InputError
 
 
 @dataclass
 class SearchConfig:
-    """The recipe's ``search`` section: which roundings to measure, and the fill/trim probes."""
+    """The recipe's ``search`` section: which roundings to measure, the fill/trim probes, and
+    the finalists re-timed before one is chosen.
+
+    ``kinds`` is the recipe's and not a per-family default of the adapter: which widths a multiple
+    speeds up depends on the device and runtime (a GPU GEMM wants an FFN width in multiples of
+    64, while 4 query slots per KV group are not a GEMM dimension at all), and a recipe targets
+    one device. A multiple no smaller than a segment leaves that segment unrounded
+    (:meth:`Rounding.apply`), so listing every kind never reopens small segments whole.
+    """
 
     multiples: list[int] = knob(factory=lambda: [1, 4, 8, 16], lo=1)
     modes: list[RoundMode] = knob(factory=lambda: ["floor", "nearest", "ceil"])
@@ -39,6 +48,13 @@ class SearchConfig:
         help="measured exports after the grid: reopen closed gates while within target, or close "
         "open ones until within it; 0: off",
     )
+    finalists: int = knob(
+        3,
+        lo=1,
+        help="the best trials within target (and the fastest one) re-timed interleaved with "
+        "keep-all; the chosen one is the best whose 95% interval is within the target",
+    )
+    confirm_rounds: int = knob(3, lo=1, help="interleaved rounds of that re-timing (each a full measurement)")
 
     def __post_init__(self) -> None:
         check_fields(self, "search")
@@ -46,12 +62,19 @@ class SearchConfig:
 
 @dataclass
 class SearchResult:
-    """Every trial of the grid, and the one chosen."""
+    """Every trial (each timed once), the finalists (re-timed together), and the one chosen.
+
+    ``best`` is the chosen finalist (see :func:`confirm_finalists`) and ``policy`` the policy
+    of the model it timed; ``met_target``: its interval was within the target; ``fallback``:
+    why the choice is not a finalist that passed, or None.
+    """
 
     policy: ExportPolicy
     best: dict
     trials: list[dict] = field(default_factory=list)
     met_target: bool = True
+    finalists: list[dict] = field(default_factory=list)
+    fallback: str | None = None
 
 
 class Judge:
@@ -79,6 +102,35 @@ class Judge:
         limit = float(self.ratio) * ref.median_ms
         return res, res.median_ms <= limit, {"reference_ms": ref.median_ms, "limit_ms": limit}
 
+    def confirm(self, slims: list[nn.Module], rounds: int) -> list[dict]:
+        """Time ``slims`` together, interleaved (with the reference first in each round, when
+        there is one), ``rounds`` measurements each; per model, its timing and whether the upper
+        end of the 95% bootstrap interval of ``median / reference median`` (or of
+        ``median / target_ms``) is within the target ratio (1 for an absolute target)."""
+        models = ([self.reference] if self.reference is not None else []) + list(slims)
+        timed = measure_pooled(models, self.meter, rounds=rounds)
+        ref = timed.pop(0) if self.reference is not None else None
+        target_ratio = float(self.ratio) if self.ratio is not None else 1.0
+        out = []
+        for res in timed:
+            den = ref if ref is not None else float(self.target_ms)
+            base_ms = ref.median_ms if ref is not None else float(self.target_ms)
+            lo, hi = ratio_ci(res, den)
+            out.append(
+                {
+                    "median_ms": res.median_ms,
+                    "spread_ms": res.spread_ms,
+                    "n": res.n,
+                    "reference_ms": ref.median_ms if ref is not None else None,
+                    "limit_ms": target_ratio * base_ms,
+                    "ratio": res.median_ms / base_ms,
+                    "ratio_ci": [lo, hi],
+                    "target_ratio": target_ratio,
+                    "within_target": hi <= target_ratio,
+                }
+            )
+        return out
+
 
 def grid_search_latency(
     gated: nn.Module,
@@ -89,20 +141,27 @@ def grid_search_latency(
     kinds: Sequence[str] | None = None,
     reference: nn.Module | None = None,
     ratio: float | None = None,
+    finalists: int | None = None,
 ) -> SearchResult:
     """Export and measure EVERY (multiple, mode) rounding; pick the best.
 
-    ``multiples`` / ``modes`` default to :class:`SearchConfig`'s.
+    ``multiples`` / ``modes`` / ``finalists`` default to :class:`SearchConfig`'s.
 
     Best = among trials within target, the one that keeps the most gate probability mass (ties:
     the faster); when none is within target, the fastest. ``meter(model)`` measures one exported
     model on the target (see ``latency_meter``). Within target: median <= ``target_ms``, or, with
     ``reference`` and ``ratio``, median <= ``ratio`` x the reference measured just before it
-    (:class:`Judge`). ``kinds``: the segment kinds the rounding applies to (default: all).
+    (:class:`Judge`). ``kinds``: the segment kinds the rounding applies to (default: all). The
+    best few are then re-timed and held to the target with a margin (:func:`confirm_finalists`).
     """
     d = SearchConfig()
-    judge = Judge(target_ms, meter, reference, ratio)
-    return _result(_grid_trials(gated, judge, multiples or d.multiples, modes or d.modes, kinds))
+    cfg = SearchConfig(
+        multiples=list(multiples or d.multiples),
+        modes=list(modes or d.modes),
+        kinds=list(kinds) if kinds else None,
+        finalists=finalists or d.finalists,
+    )
+    return search_export(gated, target_ms, meter, cfg, reference=reference, ratio=ratio)
 
 
 def search_export(
@@ -112,13 +171,18 @@ def search_export(
     config: SearchConfig | None = None,
     reference: nn.Module | None = None,
     ratio: float | None = None,
+    ship: Callable[[ExportPolicy], ExportPolicy] | None = None,
 ) -> SearchResult:
-    """The grid of :func:`grid_search_latency` over ``config``'s roundings, then the fill/trim probes.
+    """The grid of :func:`grid_search_latency` over ``config``'s roundings, the fill/trim probes,
+    then the finalists.
 
     ``config.fill_probes`` > 0: when the best grid trial is within target, reopen closed gates
     while the export stays within it (:func:`fill_to_target`, mode ``fill``); when none is, close
     the open gates with the lowest logits until one is (:func:`trim_to_target`, mode ``trim``);
-    at most that many measured exports either way. The best of all trials is chosen as in the grid.
+    at most that many measured exports either way. Each trial is timed once; the best few are
+    then re-timed together and the choice is made on those timings (:func:`confirm_finalists`).
+    ``ship(policy)``: the policy of the model that will be shipped for a trial's policy (e.g. a
+    uniform layout); the finalists are timed as shipped, so the result describes that model.
     """
     cfg = config or SearchConfig()
     judge = Judge(target_ms, meter, reference, ratio)
@@ -127,7 +191,7 @@ def search_export(
         best, met = choose_trial(trials)
         step = fill_to_target if met else trim_to_target
         trials += step(gated, best["_policy"], judge, cfg.fill_probes)
-    return _result(trials)
+    return confirm_finalists(gated, trials, judge, cfg.finalists, cfg.confirm_rounds, ship)
 
 
 def _grid_trials(
@@ -138,20 +202,107 @@ def _grid_trials(
     kinds: Sequence[str] | None,
 ) -> list[dict]:
     store = store_of(gated)
-    kinds = kinds or sorted({s.kind for s in store.segments})
+    present = sorted({s.kind for s in store.segments})
+    unknown = sorted(set(kinds or ()) - set(present))
+    if unknown:
+        raise InputError(f"search.kinds: {unknown} are not gate kinds of this model (its kinds: {present})")
+    kinds = kinds or present
     trials = []
     for multiple, mode in itertools.product(multiples, modes):
         r = Rounding(int(multiple), mode)
+        # kinds not listed are kept as the gates chose (no rounding), not rounded by a default
         policy = ExportPolicy(rounding=None, per_kind={k: r for k in kinds})
         trials.append(_trial(gated, policy, judge, {"multiple": int(multiple), "mode": mode}))
     return trials
 
 
-def _result(trials: list[dict]) -> SearchResult:
-    """The chosen trial's policy, and every trial without its policy object."""
-    best, met = choose_trial(trials)
-    clean = [{k: v for k, v in t.items() if k != "_policy"} for t in trials]
-    return SearchResult(best["_policy"], {k: v for k, v in best.items() if k != "_policy"}, clean, met)
+def _criterion(t: dict) -> tuple[float, float]:
+    """The search's order of preference among trials within target: the most gate mass kept,
+    then the faster (larger is better)."""
+    return (round(t["gate_mass"], 9), -t["median_ms"])
+
+
+def confirm_finalists(
+    gated: nn.Module,
+    trials: list[dict],
+    judge: Judge,
+    count: int,
+    rounds: int,
+    ship: Callable[[ExportPolicy], ExportPolicy] | None = None,
+) -> SearchResult:
+    """Re-time the best trials together and choose among them with a margin for the spread.
+
+    One timing per trial cannot tell apart exports a few percent apart: keep-all's median
+    drifts more than that from one trial to the next, so a search that chooses on single
+    timings chooses noise near the limit. The finalists are the ``count`` best trials within
+    target (by :func:`choose_trial`'s order) and the fastest trial within target (the one with
+    the most margin), or, when none is within target, the fastest trial. They are exported (as
+    ``ship`` turns their policies, when given) and timed interleaved with keep-all over
+    ``rounds`` rounds (:meth:`Judge.confirm`); a finalist passes when the upper end of its
+    ratio's 95% bootstrap interval is within the target ratio. The chosen one is the best that
+    passes; when none passes, the one whose upper end is lowest, and ``fallback`` says so.
+
+    Each finalist entry: the trial's index (``trial``) and how it was found (``multiple``,
+    ``mode``, ``reopened`` / ``closed``), then the re-timed model's ``median_ms``, ``spread_ms``,
+    ``n``, ``reference_ms``, ``limit_ms``, ``ratio``, ``ratio_ci``, ``target_ratio``,
+    ``gate_mass``, ``params`` and ``within_target`` (it passed).
+    """
+    if not trials:
+        raise InputError("grid search needs at least one (multiple, mode) combination")
+    idx = {id(t): i for i, t in enumerate(trials)}
+    within = sorted((t for t in trials if t["within_target"]), key=_criterion, reverse=True)
+    if within:
+        picks = within[:count]
+        fastest = min(within, key=lambda t: t["median_ms"])
+        if all(p is not fastest for p in picks):
+            picks.append(fastest)
+    else:
+        picks = [min(trials, key=lambda t: t["median_ms"])]
+    store = store_of(gated)
+    policies = [ship(t["_policy"]) if ship else t["_policy"] for t in picks]
+    slims = [export_model(gated, p) for p in policies]
+    timed = judge.confirm(slims, rounds)
+    finalists = []
+    for t, policy, slim, tm in zip(picks, policies, slims, timed):
+        how = {k: t[k] for k in ("multiple", "mode", "reopened", "closed") if k in t}
+        mass = kept_gate_mass(store, keep_indices(store, policy))
+        finalists.append(
+            {
+                "trial": idx[id(t)],
+                **how,
+                **tm,
+                "gate_mass": mass,
+                "params": param_count(slim),
+                "_policy": policy,
+            }
+        )
+    passed = [f for f in finalists if f["within_target"]]
+    fallback = None
+    if passed:
+        best = passed[0]  # finalists are in the search's order of preference
+    else:
+        best = min(finalists, key=lambda f: f["ratio_ci"][1])
+        if within:
+            why = f"none of the {len(finalists)} finalists re-timed interleaved is within target with its 95% interval"
+        else:
+            why = "no trial was within target on its single timing"
+        fallback = (
+            f"{why}: chose the finalist with the lowest upper end, ratio {best['ratio']:.3f} "
+            f"(95% {best['ratio_ci'][0]:.3f}-{best['ratio_ci'][1]:.3f}) against {best['target_ratio']:g}"
+        )
+    return SearchResult(
+        best["_policy"],
+        _public(best),
+        [_public(t) for t in trials],
+        bool(passed),
+        [_public(f) for f in finalists],
+        fallback,
+    )
+
+
+def _public(d: dict) -> dict:
+    """A trial without its policy object (what goes into report.json)."""
+    return {k: v for k, v in d.items() if k != "_policy"}
 
 
 def _trial(gated: nn.Module, policy: ExportPolicy, judge: Judge, fields: dict) -> dict:
@@ -274,5 +425,5 @@ def choose_trial(trials: list[dict]) -> tuple[dict, bool]:
         raise InputError("grid search needs at least one (multiple, mode) combination")
     within = [t for t in trials if t["within_target"]]
     if within:
-        return max(within, key=lambda t: (round(t["gate_mass"], 9), -t["median_ms"])), True
+        return max(within, key=_criterion), True
     return min(trials, key=lambda t: t["median_ms"]), False

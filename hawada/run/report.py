@@ -61,6 +61,8 @@ def build_report(
             "met_target": chosen.search.met_target,
             "units_moved_frac": chosen.units_moved_frac,
             "trials": chosen.search.trials,
+            "finalists": chosen.search.finalists,  # re-timed interleaved; chosen: the best that passed
+            "fallback": chosen.search.fallback,
         },
         "proxy": {
             "mode": proxy.mode,

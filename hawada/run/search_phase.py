@@ -42,23 +42,30 @@ def search_and_export(ctx: RunContext, student: nn.Module, setup: Setup) -> Sear
     # that measurement, so load that comes and goes on the machine moves both sides alike
     by_ratio = recipe.target.latency_ms is None
     reference, ratio = (ctx.teacher, recipe.target.ratio) if by_ratio else (None, None)
+    # export.uniform ships the uniform layout of the chosen keep set: the finalists are timed as
+    # that model, so the search's choice and its metadata are about the model that is shipped
+    ship = (lambda p: ctx.adapter.uniform_policy(student, p)) if recipe.export.uniform else None
     search = on_main(
         ctx.env,
         lambda: search_export(
-            student, setup.target_ms, ctx.meter, recipe.search, reference=reference, ratio=ratio
+            student, setup.target_ms, ctx.meter, recipe.search, reference=reference, ratio=ratio, ship=ship
         ),
     )
     best = search.best
+    best["uniform"] = bool(recipe.export.uniform)
     base_ms = best["reference_ms"] if by_ratio else None
-    target_ms = best["limit_ms"] if by_ratio else setup.target_ms
+    target_ms = best["limit_ms"]
+    lo, hi = best["ratio_ci"]
     ctx.log(
-        f"search: {len(search.trials)} exports measured; chose multiple={best['multiple']} "
-        f"mode={best['mode']} ({best['median_ms']:.2f} ms, target {target_ms:.2f} ms"
-        + (f" = {ratio:g} x keep-all {base_ms:.2f} ms timed next to it)" if by_ratio else ")")
+        f"search: {len(search.trials)} exports measured, {len(search.finalists)} re-timed; chose "
+        f"multiple={best['multiple']} mode={best['mode']}{' (uniform layout)' if recipe.export.uniform else ''} "
+        f"({best['median_ms']:.2f} ms, target {target_ms:.2f} ms"
+        + (f" = {ratio:g} x keep-all {base_ms:.2f} ms timed with it" if by_ratio else "")
+        + f"; ratio {best['ratio']:.3f}, 95% {lo:.3f}-{hi:.3f})"
     )
+    if search.fallback:
+        ctx.log(f"search: target not met with a margin for the timing spread: {search.fallback}")
     policy = search.policy
-    if recipe.export.uniform:
-        policy = ctx.adapter.uniform_policy(student, policy)
     slim = export(student, policy).to(ctx.device)
     moved = units_moved(store_of(student), keep_counts(store_of(student), policy))
     return SearchPhase(search, slim, target_ms, base_ms, moved)
