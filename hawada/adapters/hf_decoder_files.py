@@ -1,10 +1,10 @@
 """The hf_decoder family's structure and files: per-layer widths, the layout recorded in the
 config, and saving / loading slim decoders with stock transformers classes.
 
-A non-uniform layout makes the config hf_remote's slim config class (``HawadaLlamaConfig``, ...),
-so the model's own ``save_pretrained`` also writes ``modeling_hawada.py`` and ``auto_map`` for
-``AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`` (docs/DESIGN.md, "Saved
-models"); a uniform one is a stock config."""
+A non-uniform layout makes the config hf_remote's slim config class
+(``HawadaLlamaForCausalLMConfig``, ...), so the model's own ``save_pretrained`` also writes
+``modeling_hawada.py`` and ``auto_map`` for ``AutoModelForCausalLM.from_pretrained(...,
+trust_remote_code=True)`` (docs/DESIGN.md, "Saved models"); a uniform one is a stock config."""
 
 from __future__ import annotations
 
