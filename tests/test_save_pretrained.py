@@ -24,10 +24,11 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageClassification
 
 import hawada
-from hawada.adapters.base import adapter_for
+from hawada.adapters.base import adapter_for, get_adapter
 from hawada.adapters.hf_decoder import HFDecoderAdapter, layer_widths
 from hawada.core.export import ExportPolicy
 from hawada.errors import InputError, PathNotFoundError
+from hawada.hf_remote.folder import declares_layout
 from tests import test_hf_decoder as dec
 from tests import test_hf_encoder as enc
 
@@ -79,6 +80,10 @@ def test_encoder_save_pretrained_loads_both_ways(tmp_path, name: str, task_auto)
     a = hawada.load_slim(str(folder))  # stock classes, no remote code
     assert type(a) is type(slim)
     assert torch.equal(enc.out(a, x), ref)
+    # as a run's model.path too (the family's loader, e.g. a slim teacher)
+    assert declares_layout(str(folder))
+    t = get_adapter("hf_encoder").load_model("unused", 0, str(folder))
+    assert type(t) is type(slim) and torch.equal(enc.out(t, x), ref)
     # the stock class alone cannot build it: the widths are in the layout, not in the stock fields
     with pytest.raises((RuntimeError, ValueError)):
         AutoModel.from_pretrained(str(folder), trust_remote_code=False)
@@ -127,7 +132,7 @@ def test_uniform_encoder_saves_a_stock_folder(tmp_path, name: str) -> None:
     slim.save_pretrained(str(tmp_path))
     cfg = read_config(tmp_path)
     assert "auto_map" not in cfg and "hawada_layout" not in cfg
-    assert not (tmp_path / "modeling_hawada.py").exists()
+    assert not (tmp_path / "modeling_hawada.py").exists() and not declares_layout(str(tmp_path))
     assert cfg["intermediate_size"] < enc.FFN
     plain = AutoModel.from_pretrained(str(tmp_path)).eval()  # no remote code
     assert type(plain) is type(slim)
@@ -209,8 +214,9 @@ def test_decoder_save_pretrained_loads_both_ways(tmp_path, family: str, tied: bo
         "AutoModelForCausalLM": AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True),
         "AutoModel": AutoModel.from_pretrained(str(folder), trust_remote_code=True),
         "load_slim": hawada.load_slim(str(folder)),
+        "model.path": HFDecoderAdapter().load_model(family, 0, str(folder)),
     }
-    assert type(loaded["load_slim"]) is type(slim)
+    assert type(loaded["load_slim"]) is type(loaded["model.path"]) is type(slim)
     for how, m in loaded.items():
         m.eval()
         assert type(m).__name__ in (cls, "Hawada" + cls), how
