@@ -1,11 +1,14 @@
 """The hf_decoder family's structure and files: per-layer widths, the layout recorded in the
-config, and saving / loading slim decoders with stock transformers classes (or, for a non-uniform
-layout, the ``trust_remote_code`` modeling file written beside the weights)."""
+config, and saving / loading slim decoders with stock transformers classes.
+
+A non-uniform layout makes the config hf_remote's slim config class
+(``HawadaLlamaForCausalLMConfig``, ...), so the model's own ``save_pretrained`` also writes
+``modeling_hawada.py`` and ``auto_map`` for ``AutoModelForCausalLM.from_pretrained(...,
+trust_remote_code=True)`` (docs/DESIGN.md, "Saved models"); a uniform one is a stock config."""
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import os
 from collections.abc import Iterator
@@ -15,93 +18,20 @@ import torch
 from torch import nn
 
 from hawada.errors import InputError, PathNotFoundError
+from hawada.hf_remote import modeling_hawada as remote
+from hawada.hf_remote.folder import LAYOUT_FILE, declares_layout
 
-KNOWN_CLASSES = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "LlamaModel",
-    "MistralModel",
-    "Qwen2Model",
-)
-LAYOUT_FILE = "layout.json"
+# The classes a slim folder is saved and loaded as (each has a slim class in hf_remote).
+KNOWN_CLASSES = remote.DECODER_CLASSES
+
+# The modules a pruned decoder is built from live in the file shipped with saved folders (it
+# imports nothing from hawada); these are their names in this family.
+EmptyAttention = remote.DecoderEmptyAttention
+apply_layout = remote.apply_decoder_layout
 
 
 class CheckpointError(PathNotFoundError):
     """A model folder that is not a loadable Hugging Face checkpoint."""
-
-
-# ---------------------------------------------------------------------- self-contained pieces
-# EmptyAttention and apply_layout are also copied verbatim into the saved folder's
-# modeling file (for ``trust_remote_code``), so they import nothing from hawada.
-class EmptyAttention(nn.Module):
-    """Attention with every head removed: returns ``o_proj``'s bias (or zeros).
-
-    ``hidden_states`` ``[B, L, D]`` -> ``([B, L, D], None)``. It still appends a one-element
-    ``[B, 1, L, 1]`` placeholder to the KV cache, because the cache reports its length from
-    the stored keys and an empty layer would otherwise reset positions during generation.
-    """
-
-    is_empty_attention = True
-
-    def __init__(self, hidden_size: int, layer_idx: int, bias: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.hidden_size = hidden_size
-        self.num_key_value_groups = 1
-        if bias is not None:
-            self.o_bias = nn.Parameter(bias.detach().clone())
-        else:
-            self.register_parameter("o_bias", None)
-
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
-        b, n = hidden_states.shape[:2]
-        past = cache if cache is not None else kwargs.get("past_key_values")
-        if past is not None:
-            ph = hidden_states.new_zeros(b, 1, n, 1)
-            past.update(ph, ph, self.layer_idx)
-        out = hidden_states.new_zeros(b, n, self.hidden_size)
-        if self.o_bias is not None:
-            out = out + self.o_bias
-        return out, None
-
-
-def apply_layout(model, layout):
-    """In place: give each decoder layer of a freshly built model the widths of ``layout``.
-
-    ``layout``: list (one per layer) of ``{"heads", "kv_heads", "intermediate"}``. The new
-    modules are uninitialised shells; the caller loads the weights.
-    """
-    base = model.model if hasattr(model, "model") and hasattr(model.model, "layers") else model
-    cfg = base.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    hidden = cfg.hidden_size
-    dev = next(model.parameters()).device
-    for i, (layer, lay) in enumerate(zip(base.layers, layout)):
-        attn, mlp = layer.self_attn, layer.mlp
-        qh, kvh, inter = int(lay["heads"]), int(lay["kv_heads"]), int(lay["intermediate"])
-        if qh == 0 or kvh == 0:
-            o = getattr(attn, "o_proj", None)
-            has_bias = o is not None and o.bias is not None
-            bias = torch.zeros(hidden, device=dev) if has_bias else None
-            layer.self_attn = EmptyAttention(hidden, i, bias).to(dev)
-        elif not getattr(attn, "is_empty_attention", False):
-
-            def lin(old, fin, fout):
-                return nn.Linear(fin, fout, bias=old.bias is not None, device=dev, dtype=old.weight.dtype)
-
-            attn.q_proj = lin(attn.q_proj, hidden, qh * head_dim)
-            attn.k_proj = lin(attn.k_proj, hidden, kvh * head_dim)
-            attn.v_proj = lin(attn.v_proj, hidden, kvh * head_dim)
-            attn.o_proj = lin(attn.o_proj, qh * head_dim, hidden)
-            attn.num_key_value_groups = qh // kvh
-        g, u, d = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-        mlp.gate_proj = nn.Linear(hidden, inter, bias=g.bias is not None, device=dev, dtype=g.weight.dtype)
-        mlp.up_proj = nn.Linear(hidden, inter, bias=u.bias is not None, device=dev, dtype=u.weight.dtype)
-        mlp.down_proj = nn.Linear(inter, hidden, bias=d.bias is not None, device=dev, dtype=d.weight.dtype)
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = inter
-    return model
 
 
 # ---------------------------------------------------------------------- structure helpers
@@ -174,7 +104,7 @@ def decoder_layout(model: nn.Module) -> dict:
     cfg = model.config
     return {
         "family": "hf_decoder",
-        "arch": type(model).__name__,
+        "arch": remote.stock_name(type(model).__name__),
         "model_type": cfg.model_type,
         "head_dim": head_dim_of(model),
         "hidden_size": int(cfg.hidden_size),
@@ -191,59 +121,32 @@ def _is_uniform(layout: list[dict]) -> bool:
 
 
 def record_layout(model: nn.Module, layout: list[dict]) -> None:
-    """Write the per-layer widths into ``model.config`` (stock fields when uniform)."""
+    """Write the per-layer widths into ``model.config``: the stock fields when uniform (the config
+    stays a stock one: no layout, no ``auto_map``), else ``hawada_layout`` in hf_remote's slim
+    config class, whose ``save_pretrained`` writes the modeling file and ``auto_map``."""
     cfg = model.config
     cfg.head_dim = head_dim_of(model)  # RoPE and attention read it; it must not follow num_heads
+    arch = remote.stock_name(type(model).__name__)
     if _is_uniform(layout):
         cfg.num_attention_heads = layout[0]["heads"]
         cfg.num_key_value_heads = layout[0]["kv_heads"]
         cfg.intermediate_size = layout[0]["intermediate"]
-        if hasattr(cfg, "hawada_layout"):
-            del cfg.hawada_layout
-    else:
+        remote.mark_stock(cfg)
+    elif arch in KNOWN_CLASSES:
+        remote.mark_slim(cfg, arch, [dict(x) for x in layout])
+    else:  # no slim class to load it with (the loader names the class); keep the layout on record
         cfg.hawada_layout = [dict(x) for x in layout]
 
 
-MODELING_FILE = "modeling_hawada.py"
-
-
-def _modeling_source(arch: str) -> str:
-    """The ``trust_remote_code`` modeling file: the stock class plus :func:`apply_layout`."""
-    return (
-        '"""Per-layer widths for a pruned decoder (written by HawAda; needs only transformers)."""\n\n'
-        "import torch\nfrom torch import nn\n"
-        f"from transformers import {arch} as _Base\n\n\n"
-        + inspect.getsource(EmptyAttention)
-        + "\n\n"
-        + inspect.getsource(apply_layout)
-        + "\n\n"
-        + f"class Hawada{arch}(_Base):\n"
-        + "    def __init__(self, config):\n"
-        + "        super().__init__(config)\n"
-        + "        apply_layout(self, config.hawada_layout)\n"
-        + "        self.post_init()\n"
-    )
-
-
 def save_decoder(model: nn.Module, path: str) -> None:
-    """``save_pretrained`` (safetensors) + ``layout.json``; non-uniform layouts also get a
-    ``modeling_hawada.py`` and ``auto_map`` so ``AutoModelForCausalLM`` loads them with
-    ``trust_remote_code=True``."""
-    os.makedirs(path, exist_ok=True)
+    """The model's own ``save_pretrained`` (config with the layout, and for a non-uniform layout
+    ``modeling_hawada.py`` + ``auto_map``; safetensors weights), after :func:`record_layout`, plus
+    ``layout.json``: a description of the widths that the loaders do not need."""
     layout = layer_widths(model)
     record_layout(model, layout)
-    cfg = model.config
-    arch = type(model).__name__
-    uniform = _is_uniform(layout)
-    if not uniform:
-        cfg.auto_map = {"AutoModelForCausalLM": f"modeling_hawada.Hawada{arch}"}
-        with open(os.path.join(path, MODELING_FILE), "w") as f:
-            f.write(_modeling_source(arch))
-    elif hasattr(cfg, "auto_map"):
-        del cfg.auto_map
     model.save_pretrained(path, safe_serialization=True)
     lay = decoder_layout(model)
-    lay["uniform"] = uniform
+    lay["uniform"] = _is_uniform(layout)
     with open(os.path.join(path, LAYOUT_FILE), "w") as f:
         json.dump(lay, f, indent=1)
 
@@ -295,26 +198,32 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def load_decoder(path: str) -> nn.Module:
-    """Load a folder written by :func:`save_decoder` with stock transformers classes."""
+    """Load a folder written by ``save_pretrained`` of a (slim or stock) decoder, or by
+    :func:`save_decoder`, with stock transformers classes (no remote code): the widths come from
+    ``config.hawada_layout`` (absent: the stock config's)."""
     import transformers
 
     cfg = _read_config(path)
-    with open(os.path.join(path, LAYOUT_FILE)) as f:
-        lay = json.load(f)
-    cls = getattr(transformers, lay["arch"], None)
-    if cls is None or lay["arch"] not in KNOWN_CLASSES:
-        raise InputError(f"{path}: architecture {lay['arch']!r} is not one the hf_decoder family loads")
-    if hasattr(cfg, "auto_map"):
-        del cfg.auto_map
+    names = list(getattr(cfg, "architectures", None) or [])
+    if not names and os.path.isfile(os.path.join(path, LAYOUT_FILE)):
+        with open(os.path.join(path, LAYOUT_FILE)) as f:
+            names = [json.load(f).get("arch", "")]
+    arch = remote.stock_name(str(names[0])) if names else ""
+    cls = getattr(transformers, arch, None)
+    if cls is None or arch not in KNOWN_CLASSES:
+        raise InputError(f"{path}: architecture {arch!r} is not one the hf_decoder family loads")
+    layout = getattr(cfg, "hawada_layout", None)
+    remote.mark_stock(cfg)  # build the stock class; record_layout below marks the config again
     state = _state_dict_from(path)
     # built in the dtype the weights were saved in, as from_pretrained does: a bf16 slim model
     # loads as bf16, and buffers the modeling code keeps in fp32 (RoPE frequencies) stay fp32
     with _default_dtype(_saved_dtype(state)):
         model = cls(cfg)
-        if not _is_uniform(lay["layers"]):
-            apply_layout(model, lay["layers"])
+        if layout:
+            apply_layout(model, layout)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight")} if lay.get("tie_word_embeddings") else set()
+    tie = bool(getattr(cfg, "tie_word_embeddings", False))
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if tie else set()
     if set(missing) - tied or unexpected:
         raise InputError(
             f"{path}: weights do not fit the layout (missing {sorted(set(missing) - tied)[:3]}, "
@@ -322,13 +231,13 @@ def load_decoder(path: str) -> nn.Module:
         )
     if tied:
         model.tie_weights()
-    record_layout(model, lay["layers"])
+    record_layout(model, layer_widths(model))
     return model.eval()
 
 
 def load_causal_lm(path: str, attn_implementation: str | None = None, dtype: Any = None) -> nn.Module:
     """A teacher from a Hugging Face folder (or a HawAda-saved slim folder)."""
-    if os.path.isfile(os.path.join(path, LAYOUT_FILE)):
+    if declares_layout(path):
         return load_decoder(path)
     cfg = _read_config(path)
     from transformers import AutoModelForCausalLM

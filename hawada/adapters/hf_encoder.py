@@ -12,8 +12,10 @@ Segments (per encoder layer ``i``):
 
 Export slices the linears and updates the attention's head count; a layer whose heads are all
 closed gets an :class:`EmptyAttention` (only the output bias remains, as in the gated model), a
-layer whose FFN is all closed gets zero-width linears. The per-layer layout is stored in
-``config.hawada_layout``.
+layer whose FFN is all closed gets zero-width linears. A layout the stock config cannot describe
+is stored in ``config.hawada_layout`` and the config becomes hf_remote's slim config class, so the
+model's own ``save_pretrained`` writes a folder that ``AutoModel.from_pretrained(...,
+trust_remote_code=True)`` and :func:`hawada.load_slim` both load (docs/DESIGN.md, "Saved models").
 
 A classifier (``*ForImageClassification``, ``*ForSequenceClassification``) stays one from loading
 to the saved slim folder: its head is never gated or sliced, and distillation compares its
@@ -28,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from typing import Any
 
 import torch
@@ -42,6 +43,7 @@ from hawada.core.hooks import gate_linear, gates_of, install_store
 from hawada.core.proxy_cost import CostTerm
 from hawada.errors import InputError, PathNotFoundError
 from hawada.hf_remote import modeling_hawada as remote
+from hawada.hf_remote.folder import LAYOUT_FILE, declares_layout, read_config_json
 from hawada.hf_remote.modeling_hawada import (
     STYLES,
     EmptyAttention,
@@ -49,15 +51,6 @@ from hawada.hf_remote.modeling_hawada import (
     get_path,
     set_attention_heads,
 )
-
-REMOTE_FILE = "modeling_hawada.py"
-TASK_AUTO = {
-    "ForSequenceClassification": "AutoModelForSequenceClassification",
-    "ForImageClassification": "AutoModelForImageClassification",
-    "ForTokenClassification": "AutoModelForTokenClassification",
-    "ForMaskedLM": "AutoModelForMaskedLM",
-}
-
 
 # Task heads whose output is one row of class logits per example: a folder declaring one of these
 # is loaded as that class, so the head survives and distillation compares logits [B, C].
@@ -88,7 +81,7 @@ def load_pretrained(path: str) -> nn.Module:
     cls = getattr(transformers, name, None)
     # Only classes a slim folder can be reloaded as (hf_remote's slim subclasses): any other
     # would train for the whole run and fail when its slim model is saved.
-    supported = [c for c in remote.STOCK_CLASSES if c.endswith(CLASSIFIER_SUFFIXES)]
+    supported = [c for c in remote.ENCODER_CLASSES if c.endswith(CLASSIFIER_SUFFIXES)]
     if cls is None or name not in supported:
         raise LayoutError(
             f"model.path: {path} declares a {name}; the hf_encoder family loads the classifiers "
@@ -411,7 +404,7 @@ class HFEncoderAdapter(Adapter):
             raise InputError("model.path: the hf_encoder family needs a local model folder")
         if not os.path.isdir(path):
             raise PathNotFoundError(f"model.path: folder not found: {path}")
-        if os.path.isfile(os.path.join(path, "layout.json")):
+        if declares_layout(path):
             return apply_folder_pooling(self.load(path), path)
         model = apply_folder_pooling(load_pretrained(st_folder.transformer_folder(path)), path)
         self.kd_kind = "embedding" if _is_bare(model) else "logits"
@@ -454,7 +447,7 @@ def _layout(model: nn.Module, head_dim: int | None = None) -> dict:
         out.append({"attn": int(width), "ffn": int(get_path(layer, p["up"]).out_features)})
     return {
         "family": HFEncoderAdapter.family,
-        "class": type(model).__name__,
+        "class": remote.stock_name(type(model).__name__),
         "style": style,
         "head_dim": int(hd),
         "layers": out,
@@ -497,12 +490,23 @@ def _is_uniform(lay: dict) -> bool:
     return len({(x["attn"], x["ffn"]) for x in lay["layers"]}) == 1
 
 
+def _stock_loadable(lay: dict, cfg: Any) -> bool:
+    """True when the stock fields of ``cfg`` alone describe the widths of ``lay``."""
+    if not _is_uniform(lay):
+        return False
+    attn, ffn = lay["layers"][0]["attn"], lay["layers"][0]["ffn"]
+    hd = getattr(cfg, "head_dim", None) if lay["style"] == "vit" else None
+    hd = hd or cfg.hidden_size // cfg.num_attention_heads
+    return attn > 0 and attn == cfg.num_attention_heads * hd and ffn == cfg.intermediate_size
+
+
 def _record_layout(model: nn.Module, head_dim: int | None = None) -> dict:
-    """Write the per-layer layout into ``model.config`` (and, when uniform and expressible, the
-    stock fields, so the config describes the model to a plain ``from_pretrained``)."""
+    """Make ``model.config`` describe the model's widths: the stock fields when every layer has the
+    same widths and the stock config can say them (the config stays a stock one: no layout, no
+    ``auto_map``); otherwise the per-layer layout, in hf_remote's slim config class, whose
+    ``save_pretrained`` writes the modeling file and ``auto_map`` (docs/DESIGN.md, "Saved models")."""
     lay = _layout(model, head_dim)
     cfg = model.config
-    cfg.hawada_layout = {"style": lay["style"], "head_dim": lay["head_dim"], "layers": lay["layers"]}
     if _is_uniform(lay):
         attn, ffn = lay["layers"][0]["attn"], lay["layers"][0]["ffn"]
         heads = attn // lay["head_dim"]
@@ -513,55 +517,57 @@ def _record_layout(model: nn.Module, head_dim: int | None = None) -> dict:
         elif lay["style"] == "bert" and heads > 0 and heads * lay["head_dim"] == cfg.hidden_size:
             cfg.num_attention_heads = heads
             cfg.intermediate_size = ffn
+    layout = {"style": lay["style"], "head_dim": lay["head_dim"], "layers": lay["layers"]}
+    if _stock_loadable(lay, cfg):
+        remote.mark_stock(cfg)
+    elif lay["class"] in remote.ENCODER_CLASSES:
+        remote.mark_slim(cfg, lay["class"], layout)
+    else:  # no slim class to load it with (the loader names the class); keep the layout on record
+        cfg.hawada_layout = layout
     return lay
 
 
 def stock_loadable(model: nn.Module) -> bool:
     """True when the model's stock config alone describes its shapes (plain ``from_pretrained``)."""
-    lay = HFEncoderAdapter().layout(model)
-    cfg = model.config
-    if not _is_uniform(lay):
-        return False
-    attn, ffn = lay["layers"][0]["attn"], lay["layers"][0]["ffn"]
-    hd = getattr(cfg, "head_dim", None) if lay["style"] == "vit" else None
-    hd = hd or cfg.hidden_size // cfg.num_attention_heads
-    return attn > 0 and attn == cfg.num_attention_heads * hd and ffn == cfg.intermediate_size
+    return _stock_loadable(HFEncoderAdapter().layout(model), model.config)
 
 
 def save_encoder(model: nn.Module, path: str) -> None:
-    """``save_pretrained`` (safetensors) + ``layout.json`` + the modeling file for remote-code loading."""
-    os.makedirs(path, exist_ok=True)
+    """The model's own ``save_pretrained`` (config with the layout, modeling file, safetensors
+    weights), after :func:`_record_layout`, plus ``layout.json``: a description of the widths
+    that the loaders do not need (``config.json`` holds what they read)."""
     lay = _record_layout(model)
-    cls = type(model).__name__
-    auto = {"AutoModel": f"modeling_hawada.Hawada{cls}"}
-    for suffix, auto_cls in TASK_AUTO.items():
-        if cls.endswith(suffix):
-            # AutoModel also gives the whole task model: that is what the folder holds.
-            auto[auto_cls] = f"modeling_hawada.Hawada{cls}"
-    model.config.auto_map = auto
     model.save_pretrained(path, safe_serialization=True)
-    shutil.copyfile(remote.__file__, os.path.join(path, REMOTE_FILE))
-    with open(os.path.join(path, "layout.json"), "w") as f:
+    with open(os.path.join(path, LAYOUT_FILE), "w") as f:
         json.dump({**lay, "stock_loadable": stock_loadable(model)}, f, indent=1)
 
 
 def load_encoder(path: str) -> nn.Module:
-    """Inverse of :func:`save_encoder`; returns an instance of the stock transformers class.
+    """Load a folder written by ``save_pretrained`` of a (slim or stock) encoder, or by
+    :func:`save_encoder`; returns an instance of the stock transformers class.
 
     No remote code runs: the model is built by transformers' own ``from_pretrained`` (which also
     maps checkpoint key names) through HawAda's copy of the slim subclass, whose only change is
-    to reshape the layers in ``__init__``; the instance is then given back its stock class.
+    to reshape the layers in ``__init__`` from ``config.hawada_layout``; the instance is then
+    given back its stock class, and its config the slim config class when it has a layout.
     """
-    with open(os.path.join(path, "layout.json")) as f:
-        lay = json.load(f)
-    name = lay.get("class", "")
-    slim_cls = getattr(remote, "Hawada" + name, None)
+    if not os.path.isdir(path):
+        raise PathNotFoundError(f"model folder not found: {path}")
+    data = read_config_json(path)
+    if data is None:
+        raise PathNotFoundError(f"{path} has no config.json: not a saved Hugging Face model")
+    names = data.get("architectures") or []
+    if not names and os.path.isfile(os.path.join(path, LAYOUT_FILE)):
+        with open(os.path.join(path, LAYOUT_FILE)) as f:
+            names = [json.load(f).get("class", "")]
+    name = remote.stock_name(str(names[0])) if names else ""
+    slim_cls = getattr(remote, "Hawada" + name, None) if name in remote.ENCODER_CLASSES else None
     if slim_cls is None:
-        raise InputError(f"{path}/layout.json names an unsupported transformers class {name!r}")
+        raise InputError(f"{path}/config.json names an unsupported transformers class {name!r}")
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    config.hawada_layout = {"style": lay["style"], "head_dim": lay["head_dim"], "layers": lay["layers"]}
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     model = slim_cls.from_pretrained(path, config=config, local_files_only=True)
     model.__class__ = slim_cls.__mro__[1]  # the stock class: the subclass adds no state or methods
+    _record_layout(model)  # the config class follows the widths (a re-save writes a whole folder)
     return model.eval()

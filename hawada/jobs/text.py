@@ -24,6 +24,7 @@ from hawada.core.distill import mean_cosine, retrieval_agreement
 from hawada.data.files import passage_corpus, read_documents
 from hawada.data.text import TextBatches, TextDataError, build_corpus, load_tokenizer, tokenize
 from hawada.errors import InputError, PathNotFoundError
+from hawada.hf_remote.folder import declares_layout
 from hawada.jobs.base import Job, register_job
 from hawada.jobs.lm import build_lm_job
 
@@ -97,7 +98,7 @@ def build_text_job(recipe: Recipe, device: torch.device) -> Job:
     from transformers import AutoModel
 
     kw = {"attn_implementation": m.attn_implementation} if m.attn_implementation else {}
-    if os.path.isfile(os.path.join(folder, "layout.json")):
+    if declares_layout(folder):  # a slim folder (save_slim, or a slim model's save_pretrained)
         teacher = adapter.load(folder)
     else:
         teacher = AutoModel.from_pretrained(folder, local_files_only=True, **kw)
