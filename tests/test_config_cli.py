@@ -264,3 +264,21 @@ def test_missing_paths_are_input_errors_and_file_not_found_errors():
     assert str(e) == "model.path: folder not found: /nowhere"
     assert issubclass(DecoderCheckpointError, FileNotFoundError)  # callers catching it still do
     assert not issubclass(ExportError, InputError) and issubclass(ExportRequestError, ExportError)
+
+
+@pytest.mark.parametrize("classes, message", [(1000, "the weights' classifier has 1000 outputs, the data 10 classes")])
+def test_weights_whose_classifier_does_not_fit_the_data_are_one_line(tmp_path, capsys, classes, message):
+    """A ResNet state dict with another classifier size (e.g. ImageNet's 1000 classes on a
+    10-class data set) is the user's input: one line and exit 2, not a load_state_dict traceback."""
+    import torchvision
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=classes).state_dict(), weights)
+    out_dir = tmp_path / "out"
+    sets = []
+    for o in [f"model.path={weights}", f"output.dir={out_dir}", "teacher.epochs=0", "progress=false"]:
+        sets += ["--set", o]
+    code, _, err = run_cli(capsys, "optimize", os.path.join(ROOT, "recipes/cpu/resnet18_digits.yaml"), *sets)
+    assert code == 2
+    assert err.startswith("hawada: error: ") and message in err and err.count("\n") == 1
+    assert not out_dir.exists()

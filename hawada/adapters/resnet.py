@@ -435,5 +435,14 @@ def _load_resnet_model(arch: str, num_classes: int, path: str | None) -> ResNet:
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
+        fc = state.get("fc.weight") if isinstance(state, dict) else None
+        if fc is not None and fc.shape[0] != num_classes:
+            raise InputError(
+                f"model.path: the weights' classifier has {fc.shape[0]} outputs, the data {num_classes} classes"
+            )
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:  # missing/unexpected keys or other shapes: not this architecture
+            first = str(e).strip().splitlines()[0]
+            raise InputError(f"model.path: the weights do not fit {arch}: {first}") from None
     return model
