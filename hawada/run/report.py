@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -116,8 +117,62 @@ def _fmt_speedup(lat: dict) -> str:
     return f"{lat['speedup']:.2f}x{interval}, target {lat['target_ms']:.2f} ms"
 
 
+def _table(rows: list[tuple[str, str]]) -> str:
+    w = max(len(k) for k, _ in rows)
+    lines = [f"{k.ljust(w)}  {v}" for k, v in rows]
+    bar = "-" * max(len(s) for s in lines)
+    return "\n".join([bar, *lines, bar])
+
+
+def _blocks(layers: Any) -> list[dict]:
+    """The per-layer entries of a layout, in order (ResNet's stages of blocks flattened)."""
+    if isinstance(layers, dict):
+        return [layers]
+    return [d for x in layers for d in _blocks(x)] if isinstance(layers, list) else []
+
+
+def _ints(values: list[Any]) -> str:
+    return " ".join(str(v) for v in values)
+
+
+def layout_rows(layout: dict, base: dict | None = None) -> list[tuple[str, str]]:
+    """Terminal rows that sum up a layout (``adapter.layout`` / layout.json): kept heads, KV
+    heads and FFN width per layer, or inner channels per residual block. With ``base``, each
+    row also gives the keep-all total."""
+
+    def row(name: str, key: Callable[[dict, dict], Any]) -> tuple[str, str]:
+        mine = [key(b, layout) for b in _blocks(layout.get("layers", []))]
+        text = _ints(mine)
+        if base is not None:
+            total = sum(
+                sum(v) if isinstance(v, list) else v for v in (key(b, base) for b in _blocks(base["layers"]))
+            )
+            kept = sum(sum(v) if isinstance(v, list) else v for v in mine)
+            text += f"  ({kept:,} of {total:,})"
+        return name, text
+
+    fam = layout.get("family")
+    if fam == "hf_encoder":
+        return [
+            row("heads per layer", lambda b, lay: b["attn"] // max(int(lay["head_dim"]), 1)),
+            row("FFN per layer", lambda b, lay: b["ffn"]),
+        ]
+    if fam == "hf_decoder":
+        return [
+            row("heads per layer", lambda b, lay: b["heads"]),
+            row("KV heads per layer", lambda b, lay: b["kv_heads"]),
+            row("FFN per layer", lambda b, lay: b["intermediate"]),
+        ]
+    if fam == "resnet":
+        # a block whose branch was removed entirely is a constant (0 inner channels)
+        inner = row("channels per block", lambda b, lay: 0 if b.get("constant") else sum(b["inner"]))
+        return [("stem", str(layout.get("stem"))), inner]
+    return [("layers", str(len(_blocks(layout.get("layers", [])))))]
+
+
 def format_report(report: dict) -> str:
-    """A plain-text summary table of :func:`hawada.run.optimize`'s report."""
+    """A plain-text summary table of :func:`hawada.run.optimize`'s report (also what
+    ``hawada eval`` prints for a run's slim model)."""
     lat, par = report["latency"], report["params"]
     base = lat["base"]
     rows = [
@@ -137,10 +192,29 @@ def format_report(report: dict) -> str:
             f"multiple {ch['multiple']}, {ch['mode']} (of {len(report['search']['trials'])} measured)",
         )
     )
-    w = max(len(k) for k, _ in rows)
-    lines = [f"{k.ljust(w)}  {v}" for k, v in rows]
-    bar = "-" * max(len(s) for s in lines)
-    return "\n".join([bar, *lines, bar])
+    layout = report.get("layout") or {}
+    if "slim" in layout:
+        rows += layout_rows(layout["slim"], layout.get("base"))
+    return _table(rows)
+
+
+def format_slim_summary(layout: dict, params: int, latency: dict, folder: str) -> str:
+    """What can be known of a saved slim model without its run's report: the family, the layout,
+    the parameters and a latency measured now (``latency``: ``LatencyResult.to_dict()``)."""
+    rows = [
+        ("model", folder),
+        (
+            "family",
+            f"{layout.get('family')} ({layout.get('class') or layout.get('arch') or layout.get('block')})",
+        ),
+        ("parameters", f"{params:,}"),
+        *layout_rows(layout),
+        ("device", f"{latency['device']} ({latency['threads']} threads, timer {latency['timer']})"),
+        ("input", f"{latency['shapes']} {latency['dtype']}"),
+        ("latency (now)", _fmt_lat(latency)),
+        ("missing", "no report.json beside it: keep-all latency, speedup and agreement are unknown"),
+    ]
+    return _table(rows)
 
 
 GATE_MASS_LABEL = "kept gate probability mass (keep-all = 1)"
