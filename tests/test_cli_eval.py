@@ -125,3 +125,19 @@ def test_eval_refuses_what_is_not_a_slim_model_in_one_line(tmp_path, capsys) -> 
         assert out == ""
     code, _, err = run_cli(capsys, "eval", str(tmp_path / "empty"), "--batch-size", "0")
     assert code == 2 and err.count("\n") == 1
+
+
+def test_eval_of_a_bare_llama_folder_lists_heads_kv_heads_and_ffn(tmp_path, capsys) -> None:
+    transformers = pytest.importorskip("transformers")
+    from tests.test_lm_job import tiny_teacher
+
+    tiny_teacher(str(tmp_path / "llama"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "llama")).eval()
+    hawada.save_slim(model, str(tmp_path / "m"))
+    code, out, err = run_cli(capsys, "eval", str(tmp_path / "m"))
+    assert code == 0, err
+    rows = {
+        line.split(" per layer")[0]: line.split()[-2:] for line in out.splitlines() if " per layer" in line
+    }
+    assert rows == {"heads": ["6", "6"], "KV heads": ["2", "2"], "FFN": ["72", "72"]}
+    assert "hf_decoder" in out

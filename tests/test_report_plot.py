@@ -75,6 +75,8 @@ def test_output_cosine_is_masked_and_row_wise() -> None:
     out = torch.tensor([[[2.0, 0.0], [1.0, 0.0]]])
     assert output_cosine(out, ref) == pytest.approx(0.5)
     assert output_cosine(out, ref, torch.tensor([[1, 0]])) == pytest.approx(1.0)
+    # a token mask beside a pooled [B, D] output does not apply to it
+    assert output_cosine(out[0], ref[0], torch.tensor([[1, 0, 1]])) == pytest.approx(0.5)
 
 
 def test_report_png_is_written_from_keepall_every_trial_and_the_chosen_point(run, tmp_path) -> None:
@@ -102,6 +104,8 @@ def test_report_png_is_written_from_keepall_every_trial_and_the_chosen_point(run
     assert plane["target"] == pytest.approx(0.8)
     # the layout: channels per residual block, base >= slim, and the slim numbers of the report
     layers = data["layers"]
+    n_blocks = sum(len(stage) for stage in saved["layout"]["base"]["layers"])
+    assert list(layers) == ["stem", *(f"block {i}" for i in range(n_blocks))]
     assert layers and all(b >= s >= 0 for b, s in layers.values())
     assert any(s < b for b, s in layers.values()) or report["params"]["ratio"] == 1.0
     assert not math.isnan(sum(s for _, s in layers.values()))

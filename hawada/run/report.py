@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -135,39 +134,63 @@ def _ints(values: list[Any]) -> str:
     return " ".join(str(v) for v in values)
 
 
-def layout_rows(layout: dict, base: dict | None = None) -> list[tuple[str, str]]:
-    """Terminal rows that sum up a layout (``adapter.layout`` / layout.json): kept heads, KV
-    heads and FFN width per layer, or inner channels per residual block. With ``base``, each
-    row also gives the keep-all total."""
-
-    def row(name: str, key: Callable[[dict, dict], Any]) -> tuple[str, str]:
-        mine = [key(b, layout) for b in _blocks(layout.get("layers", []))]
-        text = _ints(mine)
-        if base is not None:
-            total = sum(
-                sum(v) if isinstance(v, list) else v for v in (key(b, base) for b in _blocks(base["layers"]))
-            )
-            kept = sum(sum(v) if isinstance(v, list) else v for v in mine)
-            text += f"  ({kept:,} of {total:,})"
-        return name, text
-
+def layer_units(layout: dict) -> dict[str, list[int]] | None:
+    """What each layer keeps, by kind, from a layout (``adapter.layout`` / layout.json):
+    ``{"heads": [...], "FFN": [...]}`` per transformer layer (``"KV heads"`` too for decoders),
+    ``{"channels": [...]}`` per residual block (inner channels; a block whose branch was removed
+    entirely is a constant: 0). None for a family without such a summary."""
+    blocks = _blocks(layout.get("layers", []))
     fam = layout.get("family")
     if fam == "hf_encoder":
-        return [
-            row("heads per layer", lambda b, lay: b["attn"] // max(int(lay["head_dim"]), 1)),
-            row("FFN per layer", lambda b, lay: b["ffn"]),
-        ]
+        hd = max(int(layout.get("head_dim") or 1), 1)
+        return {"heads": [b["attn"] // hd for b in blocks], "FFN": [b["ffn"] for b in blocks]}
     if fam == "hf_decoder":
-        return [
-            row("heads per layer", lambda b, lay: b["heads"]),
-            row("KV heads per layer", lambda b, lay: b["kv_heads"]),
-            row("FFN per layer", lambda b, lay: b["intermediate"]),
-        ]
+        return {
+            "heads": [b["heads"] for b in blocks],
+            "KV heads": [b["kv_heads"] for b in blocks],
+            "FFN": [b["intermediate"] for b in blocks],
+        }
     if fam == "resnet":
-        # a block whose branch was removed entirely is a constant (0 inner channels)
-        inner = row("channels per block", lambda b, lay: 0 if b.get("constant") else sum(b["inner"]))
-        return [("stem", str(layout.get("stem"))), inner]
-    return [("layers", str(len(_blocks(layout.get("layers", [])))))]
+        return {"channels": [0 if b.get("constant") else sum(b["inner"]) for b in blocks]}
+    return None
+
+
+def layout_rows(layout: dict, base: dict | None = None) -> list[tuple[str, str]]:
+    """Terminal rows that sum up a layout: kept heads, KV heads and FFN width per layer, or inner
+    channels per residual block (:func:`layer_units`). With ``base`` (the keep-all layout), each
+    row also gives the kept and keep-all totals."""
+    units = layer_units(layout)
+    if units is None:
+        return [("layers", str(len(_blocks(layout.get("layers", [])))))]
+    full = layer_units(base) if base is not None else None
+    rows = []
+    if layout.get("family") == "resnet":  # the residual stream's width at the stem
+        rows.append(
+            ("stem", f"{layout.get('stem')}" + (f" of {base.get('stem')}" if base is not None else ""))
+        )
+    for kind, values in units.items():
+        text = _ints(values)
+        if full is not None:
+            text += f"  ({sum(values):,} of {sum(full[kind]):,})"
+        rows.append((f"{kind} per {'block' if kind == 'channels' else 'layer'}", text))
+    return rows
+
+
+def layer_widths(layout: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """``{name: (keep-all, slim)}`` per layer and kind, in layer order (``heads 0``, ``FFN 0``,
+    ``heads 1``, ...; ``stem``, ``block 0``, ... for a ResNet) from report.json's ``layout``."""
+    b, s = layer_units(layout["base"]), layer_units(layout["slim"])
+    if b is None or s is None:
+        return _widths_from_layout(layout)
+    out: dict[str, tuple[int, int]] = {}
+    if "stem" in layout["base"]:
+        out["stem"] = (int(layout["base"]["stem"]), int(layout["slim"]["stem"]))
+    n = len(next(iter(b.values())))
+    for i in range(n):
+        for kind in b:
+            name = f"block {i}" if kind == "channels" else f"{kind} {i}"
+            out[name] = (int(b[kind][i]), int(s[kind][i]))
+    return out
 
 
 def format_report(report: dict) -> str:
@@ -241,8 +264,8 @@ def plot_data(report: dict) -> dict:
     the trial's quality (``y_label`` says which); ``keepall`` is (1, 1): keep-all has the teacher's
     outputs and all of its gate mass. ``trials`` holds every trial (``label`` e.g. ``8/floor``,
     ``fill+3``), ``chosen`` the chosen one, ``target`` the target as a fraction of keep-all.
-    ``layers``: ``{layer: (base width, slim width)}`` in layer order (heads and FFN per layer,
-    channels per block).
+    ``layers``: ``{name: (keep-all, slim)}`` in layer order (:func:`layer_widths`: heads and FFN
+    per layer, channels per block).
     """
     lat, search = report["latency"], report["search"]
     base_ms = float(lat["base"]["median_ms"])
@@ -277,7 +300,7 @@ def plot_data(report: dict) -> dict:
             "x_label": "latency / keep-all (timed next to each other)",
             "y_label": y_label,
         },
-        "layers": report.get("widths") or _widths_from_layout(report["layout"]),
+        "layers": layer_widths(report["layout"]),
     }
 
 
@@ -317,17 +340,19 @@ def plot_run(report: dict, history: list[dict], path: str) -> dict | None:
     ax.set_title("search: latency vs quality of every measured export")
     ax.legend(fontsize=7)
 
+    # kinds differ in scale (4 heads, 1536 FFN units): bars are the kept share, labelled with counts
     ax, widths = axes[0, 1], data["layers"]
     names = list(widths)
-    kept = [widths[n][1] for n in names]
-    ax.bar(range(len(names)), kept, color="tab:blue", label="kept")
-    ax.bar(
-        range(len(names)), [widths[n][0] - widths[n][1] for n in names], bottom=kept, color="lightgray",
-        label="removed",
-    )  # fmt: skip
+    share = [s / b if b else 0.0 for b, s in widths.values()]
+    ax.bar(range(len(names)), [1.0] * len(names), color="lightgray", label="removed")
+    ax.bar(range(len(names)), share, color="tab:blue", label="kept")
+    for i, (b, s) in enumerate(widths.values()):
+        ax.annotate(f"{s}/{b}", (i, 1.0), ha="center", va="bottom", fontsize=5, rotation=90)
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
-    ax.set_title("kept width per layer (slim vs keep-all)")
-    ax.legend(fontsize=7)
+    ax.set_ylim(0, 1.25)
+    ax.set_ylabel("kept share of keep-all")
+    ax.set_title("kept per layer (slim / keep-all)")
+    ax.legend(fontsize=7, loc="upper right")
 
     steps = [h["step"] for h in history]
     ax = axes[1, 0]

@@ -48,10 +48,11 @@ def output_cosine(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | Non
     """Mean cosine similarity of ``out`` and ``ref`` along the last dimension.
 
     ``out``, ``ref``: ``[..., D]`` (``[B, C]`` logits, ``[B, D]`` embeddings, ``[B, L, V]`` token
-    logits); ``mask``: ``[...]`` (e.g. ``[B, L]``), rows where it is 0 are left out.
+    logits); ``mask``: ``[...]`` (e.g. ``[B, L]``), rows where it is 0 are left out; a mask of
+    another shape (token positions of a pooled ``[B, D]`` output) is not applied.
     """
     cos = torch.nn.functional.cosine_similarity(out.double(), ref.double(), dim=-1)
-    if mask is not None:
+    if mask is not None and mask.shape == cos.shape:
         cos = cos[mask.to(torch.bool)]
     return float(cos.mean())
 
