@@ -65,10 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="re-export a saved slim model into another folder")
     ex.add_argument("model_dir")
     ex.add_argument("out_dir")
-    ev = sub.add_parser("eval", help="latency of a saved slim model")
-    ev.add_argument("model_dir")
+    ev = sub.add_parser("eval", help="summary of a saved slim model (its run's report) and its latency now")
+    ev.add_argument(
+        "model_dir", help="a run's output folder, its slim/, or a folder written by hawada.save_slim"
+    )
     ev.add_argument("--batch-size", type=int, default=None)
     ev.add_argument("--device", default="cpu")
+    ev.add_argument("--json", action="store_true", help="print only the latency measured now, as JSON")
     return p
 
 
@@ -130,13 +133,65 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def slim_folder(path: str) -> tuple[str, dict | None]:
+    """(the slim model's folder, its run's report or None) for ``hawada eval PATH``: PATH is a
+    folder written by ``save_slim`` (its run's report.json, if any, is in the folder above) or a
+    run's output folder (report.json and slim/)."""
+    if not os.path.isdir(path):
+        raise PathNotFoundError(f"model folder not found: {path}")
+    nested = os.path.join(path, "slim")
+    if not os.path.isfile(os.path.join(path, "layout.json")) and os.path.isfile(
+        os.path.join(nested, "layout.json")
+    ):
+        path = nested
+    lay = os.path.join(path, "layout.json")
+    if not os.path.isfile(lay):
+        raise InputError(f"{path} is not a saved slim model: it has no layout.json (nor slim/layout.json)")
+    try:
+        with open(lay, encoding="utf-8") as f:
+            layout = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InputError(f"{lay} is not valid JSON: not a saved slim model") from None
+    if not isinstance(layout, dict) or not isinstance(layout.get("family"), str):
+        raise InputError(f"{lay} names no model family: not a saved slim model")
+    # the report belongs to this model only when the model is its run's slim/ folder
+    report_path = os.path.join(os.path.dirname(os.path.abspath(path)), "report.json")
+    if os.path.basename(os.path.abspath(path)) != "slim" or not os.path.isfile(report_path):
+        return path, None
+    try:
+        with open(report_path, encoding="utf-8") as f:
+            report = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InputError(f"{report_path} is not a JSON report") from None
+    if not isinstance(report, dict) or not {"latency", "params", "agreement", "search"} <= set(report):
+        raise InputError(f"{report_path} is not a HawAda report (no latency, params, agreement or search)")
+    return path, report
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from hawada.adapters.base import adapter_for
+    from hawada.core.export import param_count
     from hawada.core.profiler import measure_latency_ms
+    from hawada.run.report import format_report, format_slim_summary
     from hawada.slim_io import example_inputs_for
 
-    model = _load_slim(args.model_dir).to(args.device)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InputError("--batch-size must be >= 1")
+    path, report = slim_folder(args.model_dir)
+    model = _load_slim(path).to(args.device)
     res = measure_latency_ms(model, example_inputs_for(model, args.batch_size), device=args.device)
-    print(json.dumps(res.to_dict(), indent=1))
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=1))
+        return 0
+    if report is not None:
+        print(format_report(report))
+        print(f"report: {os.path.join(os.path.dirname(os.path.abspath(path)), 'report.json')}")
+        print(
+            f"latency now: {res.median_ms:.2f} ms at {res.shapes} {res.dtype} on {res.device} (example inputs)"
+        )
+    else:
+        layout = adapter_for(model).layout(model)
+        print(format_slim_summary(layout, param_count(model), res.to_dict(), path))
     return 0
 
 

@@ -109,7 +109,7 @@ def test_tiny_recipe_end_to_end(tmp_path, capsys, restore_threads):
     assert agreement["teacher_accuracy"] > 0.6
     assert agreement["top1_agreement"] > 0.35 and chance < 0.25
     # `hawada eval` measures the saved model
-    assert main(["eval", str(out / "slim"), "--batch-size", "4"]) == 0
+    assert main(["eval", str(out / "slim"), "--batch-size", "4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["median_ms"] > 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -11,15 +13,23 @@ from hawada.core.proxy_cost import set_random_keep, set_uniform_keep
 
 
 def measure_subarchs(
-    gated: nn.Module, logits: list[torch.Tensor], meter: Meter
+    gated: nn.Module,
+    logits: list[torch.Tensor],
+    meter: Meter,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[tuple[torch.Tensor, float]]:
-    """For each logits vector: (open units ``[S]``, measured median ms of its export)."""
+    """For each logits vector ``[N]``: (open units ``[S]``, measured median ms of its export).
+
+    ``progress(done, total)`` is called after each measured export.
+    """
     store = store_of(gated)
     out = []
-    for lg in logits:
+    for i, lg in enumerate(logits):
         with store.logits_as(lg):
             slim = export(gated, ExportPolicy(check=False))
             out.append((store.open_units().detach().cpu(), meter(slim).median_ms))
+        if progress:
+            progress(i + 1, len(logits))
     return out
 
 

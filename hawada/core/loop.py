@@ -261,21 +261,61 @@ class MasterWeights:
 
 
 class Progress:
-    """A progress bar (tqdm) on rank 0 when enabled; every method is a no-op otherwise."""
+    """A progress bar (tqdm, on stderr) with an ETA, on rank 0 when enabled; every method is a
+    no-op otherwise (``progress: false`` in a recipe, and every rank but 0).
 
-    def __init__(self, enabled: bool, total: int, desc: str, initial: int = 0, env: DistEnv = SINGLE) -> None:
+    Phases that count their own work report through :meth:`step` (a ``(done, total)`` callback);
+    :meth:`counting` wraps a function (e.g. a latency meter) so that each call advances the bar.
+    """
+
+    def __init__(
+        self, enabled: bool, total: int | None, desc: str, initial: int = 0, env: DistEnv = SINGLE
+    ) -> None:
         self.bar = None
         if enabled and env.is_main:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
 
-    def update(self, **postfix: str) -> None:
+    def update(self, n: int = 1, **postfix: str) -> None:
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.update(n)
             if postfix:
                 self.bar.set_postfix(**postfix)
+
+    def step(self, done: int, total: int) -> None:
+        """``(done, total)`` progress of a phase that counts its own work."""
+        if self.bar is not None:
+            if self.bar.total != total:
+                self.bar.total = total
+            self.bar.update(done - self.bar.n)
+
+    def counting(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` with one step of the bar after each call."""
+        if self.bar is None:
+            return fn
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            out = fn(*args, **kwargs)
+            self.update()
+            return out
+
+        return counted
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+    def finish(self) -> None:
+        """Close a bar whose total was an upper bound (a search that stopped before its last
+        probe): the work is done, so the bar ends full."""
+        if self.bar is not None and self.bar.total is not None and self.bar.n < self.bar.total:
+            self.bar.total = self.bar.n
+            self.bar.refresh()
+        self.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

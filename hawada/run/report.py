@@ -15,8 +15,8 @@ from hawada.core.profiler import environment_info, measure_pooled, ratio_ci
 from hawada.run.context import RunContext
 from hawada.run.folder import clear_outputs, publish
 from hawada.run.gates_phase import GatePhase
-from hawada.run.search_phase import SearchPhase
-from hawada.run.setup import Setup
+from hawada.run.search_phase import QUALITY_KEY, QUALITY_LABEL, SearchPhase
+from hawada.run.setup import POOLED_ROUNDS, Setup, progress_bar
 
 
 def build_report(
@@ -31,7 +31,8 @@ def build_report(
     """Measure keep-all and ``slim`` interleaved, score ``slim`` on the test split, and describe the
     run (the keys of report.json)."""
     recipe, teacher, adapter, trainer = ctx.recipe, ctx.teacher, ctx.adapter, gates.trainer
-    t_base, t_slim = measure_pooled([teacher, slim], ctx.meter)
+    with progress_bar(ctx, "report: keep-all vs slim", 2 * POOLED_ROUNDS) as bar:
+        t_base, t_slim = measure_pooled([teacher, slim], bar.counting(ctx.meter), rounds=POOLED_ROUNDS)
     metrics = ctx.job.evaluate(teacher, slim, "test")
     proxy = trainer.proxy
     return {
@@ -117,8 +118,86 @@ def _fmt_speedup(lat: dict) -> str:
     return f"{lat['speedup']:.2f}x{interval}, target {lat['target_ms']:.2f} ms"
 
 
+def _table(rows: list[tuple[str, str]]) -> str:
+    w = max(len(k) for k, _ in rows)
+    lines = [f"{k.ljust(w)}  {v}" for k, v in rows]
+    bar = "-" * max(len(s) for s in lines)
+    return "\n".join([bar, *lines, bar])
+
+
+def _blocks(layers: Any) -> list[dict]:
+    """The per-layer entries of a layout, in order (ResNet's stages of blocks flattened)."""
+    if isinstance(layers, dict):
+        return [layers]
+    return [d for x in layers for d in _blocks(x)] if isinstance(layers, list) else []
+
+
+def _ints(values: list[Any]) -> str:
+    return " ".join(str(v) for v in values)
+
+
+def layer_units(layout: dict) -> dict[str, list[int]] | None:
+    """What each layer keeps, by kind, from a layout (``adapter.layout`` / layout.json):
+    ``{"heads": [...], "FFN": [...]}`` per transformer layer (``"KV heads"`` too for decoders),
+    ``{"channels": [...]}`` per residual block (inner channels; a block whose branch was removed
+    entirely is a constant: 0). None for a family without such a summary."""
+    blocks = _blocks(layout.get("layers", []))
+    fam = layout.get("family")
+    if fam == "hf_encoder":
+        hd = max(int(layout.get("head_dim") or 1), 1)
+        return {"heads": [b["attn"] // hd for b in blocks], "FFN": [b["ffn"] for b in blocks]}
+    if fam == "hf_decoder":
+        return {
+            "heads": [b["heads"] for b in blocks],
+            "KV heads": [b["kv_heads"] for b in blocks],
+            "FFN": [b["intermediate"] for b in blocks],
+        }
+    if fam == "resnet":
+        return {"channels": [0 if b.get("constant") else sum(b["inner"]) for b in blocks]}
+    return None
+
+
+def layout_rows(layout: dict, base: dict | None = None) -> list[tuple[str, str]]:
+    """Terminal rows that sum up a layout: kept heads, KV heads and FFN width per layer, or inner
+    channels per residual block (:func:`layer_units`). With ``base`` (the keep-all layout), each
+    row also gives the kept and keep-all totals."""
+    units = layer_units(layout)
+    if units is None:
+        return [("layers", str(len(_blocks(layout.get("layers", [])))))]
+    full = layer_units(base) if base is not None else None
+    rows = []
+    if layout.get("family") == "resnet":  # the residual stream's width at the stem
+        rows.append(
+            ("stem", f"{layout.get('stem')}" + (f" of {base.get('stem')}" if base is not None else ""))
+        )
+    for kind, values in units.items():
+        text = _ints(values)
+        if full is not None:
+            text += f"  ({sum(values):,} of {sum(full[kind]):,})"
+        rows.append((f"{kind} per {'block' if kind == 'channels' else 'layer'}", text))
+    return rows
+
+
+def layer_widths(layout: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """``{name: (keep-all, slim)}`` per layer and kind, in layer order (``heads 0``, ``FFN 0``,
+    ``heads 1``, ...; ``stem``, ``block 0``, ... for a ResNet) from report.json's ``layout``."""
+    b, s = layer_units(layout["base"]), layer_units(layout["slim"])
+    if b is None or s is None:
+        return _widths_from_layout(layout)
+    out: dict[str, tuple[int, int]] = {}
+    if "stem" in layout["base"]:
+        out["stem"] = (int(layout["base"]["stem"]), int(layout["slim"]["stem"]))
+    n = len(next(iter(b.values())))
+    for i in range(n):
+        for kind in b:
+            name = f"block {i}" if kind == "channels" else f"{kind} {i}"
+            out[name] = (int(b[kind][i]), int(s[kind][i]))
+    return out
+
+
 def format_report(report: dict) -> str:
-    """A plain-text summary table of :func:`hawada.run.optimize`'s report."""
+    """A plain-text summary table of :func:`hawada.run.optimize`'s report (also what
+    ``hawada eval`` prints for a run's slim model)."""
     lat, par = report["latency"], report["params"]
     base = lat["base"]
     rows = [
@@ -138,16 +217,102 @@ def format_report(report: dict) -> str:
             f"multiple {ch['multiple']}, {ch['mode']} (of {len(report['search']['trials'])} measured)",
         )
     )
-    w = max(len(k) for k, _ in rows)
-    lines = [f"{k.ljust(w)}  {v}" for k, v in rows]
-    bar = "-" * max(len(s) for s in lines)
-    return "\n".join([bar, *lines, bar])
+    layout = report.get("layout") or {}
+    if "slim" in layout:
+        rows += layout_rows(layout["slim"], layout.get("base"))
+    return _table(rows)
 
 
-def plot_run(report: dict, history: list[dict], path: str) -> bool:
-    """Per-layer kept widths and training curves (proxy/real ms, lambda, KD) as a PNG.
+def format_slim_summary(layout: dict, params: int, latency: dict, folder: str) -> str:
+    """What can be known of a saved slim model without its run's report: the family, the layout,
+    the parameters and a latency measured now (``latency``: ``LatencyResult.to_dict()``)."""
+    rows = [
+        ("model", folder),
+        (
+            "family",
+            f"{layout.get('family')} ({layout.get('class') or layout.get('arch') or layout.get('block')})",
+        ),
+        ("parameters", f"{params:,}"),
+        *layout_rows(layout),
+        ("device", f"{latency['device']} ({latency['threads']} threads, timer {latency['timer']})"),
+        ("input", f"{latency['shapes']} {latency['dtype']}"),
+        ("latency (now)", _fmt_lat(latency)),
+        ("missing", "no report.json beside it: keep-all latency, speedup and agreement are unknown"),
+    ]
+    return _table(rows)
 
-    Returns False (and writes nothing) when matplotlib is not installed.
+
+GATE_MASS_LABEL = "kept gate probability mass (keep-all = 1)"
+
+
+def _quality(trial: dict) -> tuple[float, str]:
+    """A trial's quality and what it is: the output cosine to the teacher the search measured, or
+    (in a report from before that was measured) the kept gate mass."""
+    if QUALITY_KEY in trial:
+        return float(trial[QUALITY_KEY]), QUALITY_LABEL
+    return float(trial["gate_mass"]), GATE_MASS_LABEL
+
+
+def _relative_ms(trial: dict, base_ms: float) -> float:
+    """A trial's latency over keep-all: the keep-all timed next to it when there is one."""
+    return float(trial["median_ms"]) / float(trial.get("reference_ms") or base_ms)
+
+
+def plot_data(report: dict) -> dict:
+    """What report.png shows, as plain numbers.
+
+    ``plane``: the search on the latency-quality plane. ``x`` is latency over keep-all (each trial
+    against the keep-all timed right before it; without one, against the report's keep-all), ``y``
+    the trial's quality (``y_label`` says which); ``keepall`` is (1, 1): keep-all has the teacher's
+    outputs and all of its gate mass. ``trials`` holds every trial (``label`` e.g. ``8/floor``,
+    ``fill+3``), ``chosen`` the chosen one, ``target`` the target as a fraction of keep-all.
+    ``layers``: ``{name: (keep-all, slim)}`` in layer order (:func:`layer_widths`: heads and FFN
+    per layer, channels per block).
+    """
+    lat, search = report["latency"], report["search"]
+    base_ms = float(lat["base"]["median_ms"])
+    trials = search["trials"]
+    y_label = _quality(trials[0])[1] if trials else QUALITY_LABEL
+    points = []
+    for t in trials:
+        if t["mode"] == "fill":
+            label = f"fill+{t.get('reopened', '?')}"
+        elif t["mode"] == "trim":
+            label = f"trim-{t.get('closed', '?')}"
+        else:
+            label = f"{t['multiple']}/{t['mode']}"
+        points.append(
+            {
+                "x": _relative_ms(t, base_ms),
+                "y": _quality(t)[0],
+                "label": label,
+                "within_target": bool(t["within_target"]),
+            }
+        )
+    ch = search["chosen"]
+    chosen = {"x": _relative_ms(ch, base_ms), "y": _quality(ch)[0], "label": "chosen"}
+    ref = ch.get("reference_ms") or lat.get("search_base_ms") or base_ms
+    target = float(lat["target_ms"]) / float(ref)
+    return {
+        "plane": {
+            "keepall": {"x": 1.0, "y": 1.0},
+            "trials": points,
+            "chosen": chosen,
+            "target": target,
+            "x_label": "latency / keep-all (timed next to each other)",
+            "y_label": y_label,
+        },
+        "layers": layer_widths(report["layout"]),
+    }
+
+
+def plot_run(report: dict, history: list[dict], path: str) -> dict | None:
+    """report.png: the search's trials on the latency-quality plane (keep-all, every trial, the
+    chosen export), the kept widths per layer, and the gate-training curves (proxy and measured ms
+    against the target; lambda and KD loss).
+
+    Returns the plotted data (:func:`plot_data`), or None (and writes nothing) when matplotlib is
+    not installed.
     """
     try:
         import matplotlib
@@ -155,42 +320,67 @@ def plot_run(report: dict, history: list[dict], path: str) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    widths = report.get("widths") or _widths_from_layout(report["layout"])
-    ax = axes[0, 0]
+        return None
+    data = plot_data(report)
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+
+    ax, pl = axes[0, 0], data["plane"]
+    for ok, colour, name in (
+        (True, "tab:blue", "trial within target"),
+        (False, "tab:orange", "trial over target"),
+    ):
+        pts = [p for p in pl["trials"] if p["within_target"] == ok]
+        if pts:
+            ax.scatter([p["x"] for p in pts], [p["y"] for p in pts], c=colour, s=25, label=name)
+    for p in pl["trials"]:
+        ax.annotate(p["label"], (p["x"], p["y"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.scatter([pl["keepall"]["x"]], [pl["keepall"]["y"]], marker="s", c="black", s=50, label="keep-all")
+    ax.scatter([pl["chosen"]["x"]], [pl["chosen"]["y"]], marker="*", c="tab:red", s=200, label="chosen")
+    ax.axvline(pl["target"], ls="--", c="gray", label=f"target {pl['target']:.2f}")
+    ax.set_xlabel(pl["x_label"])
+    ax.set_ylabel(pl["y_label"])
+    ax.set_title("search: latency vs quality of every measured export")
+    ax.legend(fontsize=7)
+
+    # kinds differ in scale (4 heads, 1536 FFN units): bars are the kept share, labelled with counts
+    ax, widths = axes[0, 1], data["layers"]
     names = list(widths)
-    ax.bar(range(len(names)), [widths[n][1] for n in names], color="tab:blue", label="slim")
-    ax.bar(
-        range(len(names)),
-        [widths[n][0] - widths[n][1] for n in names],
-        bottom=[widths[n][1] for n in names],
-        color="lightgray",
-        label="removed",
-    )
+    share = [s / b if b else 0.0 for b, s in widths.values()]
+    ax.bar(range(len(names)), [1.0] * len(names), color="lightgray", label="removed")
+    ax.bar(range(len(names)), share, color="tab:blue", label="kept")
+    for i, (b, s) in enumerate(widths.values()):
+        ax.annotate(f"{s}/{b}", (i, 1.0), ha="center", va="bottom", fontsize=5, rotation=90)
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
-    ax.set_title("kept width per layer")
-    ax.legend()
+    ax.set_ylim(0, 1.25)
+    ax.set_ylabel("kept share of keep-all")
+    ax.set_title("kept per layer (slim / keep-all)")
+    ax.legend(fontsize=7, loc="upper right")
+
     steps = [h["step"] for h in history]
-    ax = axes[0, 1]
-    ax.plot(steps, [h["proxy_ms"] for h in history], label="proxy ms")
-    ax.plot(steps, [h["target_ms"] for h in history], "--", label="target ms")
+    ax = axes[1, 0]
+    if history:
+        ax.plot(steps, [h["proxy_ms"] for h in history], label="proxy ms")
+        ax.plot(steps, [h["target_ms"] for h in history], "--", label="target ms")
     real = [(h["step"], h["real_ms"]) for h in history if "real_ms" in h]
     if real:
         ax.plot(*zip(*real), "o", label="measured ms")
     ax.set_title("latency during gate training")
-    ax.legend()
-    axes[1, 0].plot(steps, [h["lambda"] for h in history])
-    axes[1, 0].set_title("lambda")
-    axes[1, 1].plot(steps, [h["kd"] for h in history])
-    axes[1, 1].set_title("KD loss")
-    for a in axes[1]:
-        a.set_xlabel("step")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=7)
+    ax = axes[1, 1]
+    if history:
+        ax.plot(steps, [h["kd"] for h in history], c="tab:green", label="KD loss")
+        ax2 = ax.twinx()
+        ax2.plot(steps, [h["lambda"] for h in history], c="tab:purple", label="lambda")
+        ax2.set_ylabel("lambda")
+    ax.set_ylabel("KD loss")
+    ax.set_xlabel("step")
+    ax.set_title("gate training: KD loss and lambda")
     fig.suptitle(f"{report['name']}: {report['latency']['speedup']:.2f}x on {report['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
+    return data
 
 
 def _widths_from_layout(layout: dict[str, Any]) -> dict[str, tuple[int, int]]:

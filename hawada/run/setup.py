@@ -14,7 +14,8 @@ from hawada.core.calibrate import calibration_logits, measure_subarchs
 from hawada.core.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from hawada.core.export import ExportPolicy, compute_dtype, export
 from hawada.core.gates import GateStore
-from hawada.core.profiler import measure_pooled
+from hawada.core.loop import Progress
+from hawada.core.profiler import Meter, measure_pooled
 from hawada.core.proxy_cost import LatencyProxy
 from hawada.errors import InputError
 from hawada.run.context import RunContext
@@ -66,6 +67,14 @@ def new_proxy(ctx: RunContext) -> LatencyProxy:
     return LatencyProxy(ctx.store, terms, mode=ctx.recipe.proxy.mode).to(ctx.device)
 
 
+POOLED_ROUNDS = 3  # keep-all and the smallest model, interleaved: as in the final report
+
+
+def progress_bar(ctx: RunContext, desc: str, total: int | None) -> Progress:
+    """A bar on rank 0 when the recipe's ``progress`` is on (docs/DESIGN.md, "Run phases")."""
+    return Progress(ctx.recipe.progress, total, desc, env=ctx.env)
+
+
 def _setup_tensors(proxy: LatencyProxy, calib: list) -> dict[str, torch.Tensor]:
     t = {f"proxy.{k}": v.detach().cpu() for k, v in proxy.state_dict().items()}
     for i, (w, _) in enumerate(calib):
@@ -82,8 +91,11 @@ def measure_setup(ctx: RunContext) -> Setup:
     # and pooled, as in the final report
     with store.logits_as(minimal_keep_logits(store)):
         minimal = export(ctx.student, ExportPolicy(check=False))
-    ctx.meter(ctx.teacher)
-    base_r, min_r = measure_pooled([ctx.teacher, minimal], ctx.meter)
+    # one discarded call, then both models in every round
+    with progress_bar(ctx, "setup: keep-all / smallest", 1 + 2 * POOLED_ROUNDS) as bar:
+        meter: Meter = bar.counting(ctx.meter)
+        meter(ctx.teacher)
+        base_r, min_r = measure_pooled([ctx.teacher, minimal], meter, rounds=POOLED_ROUNDS)
     base_ms, min_ms = base_r.median_ms, min_r.median_ms
     del minimal
     t = recipe.target
@@ -102,13 +114,19 @@ def measure_setup(ctx: RunContext) -> Setup:
     proxy = new_proxy(ctx)
     p = recipe.proxy
     if p.mode == "lut":
-        n_ops = proxy.measure_table(
-            device=ctx.dev, repeats=p.lut_repeats, budget_s=p.lut_budget_s, dtype=compute_dtype(ctx.student)
-        )
+        with progress_bar(ctx, "setup: lookup table", None) as bar:
+            n_ops = proxy.measure_table(
+                device=ctx.dev,
+                repeats=p.lut_repeats,
+                budget_s=p.lut_budget_s,
+                progress=bar.step,
+                dtype=compute_dtype(ctx.student),
+            )
         ctx.log(f"proxy lookup table: {n_ops} ops timed")
-    calib = measure_subarchs(
-        ctx.student, calibration_logits(ctx.student, p.calib_points, recipe.seed), ctx.meter
-    )
+    with progress_bar(ctx, "setup: calibration", p.calib_points) as bar:
+        calib = measure_subarchs(
+            ctx.student, calibration_logits(ctx.student, p.calib_points, recipe.seed), ctx.meter, bar.step
+        )
     fit = proxy.calibrate([w for w, _ in calib], [m for _, m in calib])
     with torch.no_grad():
         keepall_error = (float(proxy(store.seg_units)) - base_ms) / base_ms
