@@ -282,3 +282,15 @@ def test_weights_whose_classifier_does_not_fit_the_data_are_one_line(tmp_path, c
     assert code == 2
     assert err.startswith("hawada: error: ") and message in err and err.count("\n") == 1
     assert not out_dir.exists()
+
+
+def test_a_decoder_on_image_data_is_one_line(tmp_path, capsys):
+    """A decoder recipe that leaves data.kind at its default (digits) names the real cause."""
+    out_dir = tmp_path / "out"
+    sets = []
+    for o in ["model.family=hf_decoder", "model.path=" + str(tmp_path), f"output.dir={out_dir}", "progress=false"]:
+        sets += ["--set", o]
+    code, _, err = run_cli(capsys, "optimize", os.path.join(ROOT, "recipes/cpu/resnet18_digits.yaml"), *sets)
+    assert code == 2 and err.count("\n") == 1
+    assert "data.kind: digits is image data, which the hf_decoder family does not take" in err
+    assert not out_dir.exists()

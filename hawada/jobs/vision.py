@@ -19,6 +19,8 @@ from hawada.data.vision import (
 )
 from hawada.jobs.base import Job, register_job
 
+IMAGE_FAMILIES = ("resnet", "hf_encoder")  # the families whose models classify images
+
 
 def check_classifier(teacher: nn.Module, adapter: Adapter, splits: Splits) -> None:
     """Refuse, in one line, a teacher that cannot classify these images: one that gives no class
@@ -46,11 +48,16 @@ def check_classifier(teacher: nn.Module, adapter: Adapter, splits: Splits) -> No
 @register_job("digits", "imagefolder")
 def build_vision_job(recipe: Recipe, device: torch.device) -> Job:
     d, m = recipe.data, recipe.model
+    adapter = get_adapter(m.family)  # an unknown family is named first
+    if m.family not in IMAGE_FAMILIES:  # e.g. a decoder recipe that left data.kind at its default
+        raise DataError(
+            f"data.kind: {d.kind} is image data, which the {m.family} family does not take "
+            f"(image families: {', '.join(IMAGE_FAMILIES)}; text: data.kind text, stdlib_docstrings or stdlib_source)"
+        )
     if d.kind == "digits":
         splits = digits_splits(d.image_size, d.batch_size, d.val_fraction, recipe.seed)
     else:
         splits = imagefolder_splits(d.path or "", d.image_size, d.batch_size, d.num_workers)
-    adapter = get_adapter(m.family)
     if m.path is not None and not os.path.exists(m.path):
         raise DataError(f"model.path: file not found: {m.path}")
     teacher: nn.Module = adapter.load_model(m.arch, splits.num_classes, m.path)
