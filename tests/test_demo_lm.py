@@ -110,6 +110,7 @@ def test_demo_recipe_smoke_run(smollm, tmp_path, capsys):
         "proxy.calib_points": 2,
         "search.multiples": "[1]",
         "search.modes": "[floor]",
+        "search.fill_probes": 0,
         "finetune.steps": 1,
         "finetune.eval_every": 1,
         "finetune.warmup_steps": 0,
