@@ -172,7 +172,12 @@ def test_child_process_timer_returns_the_samples_asked_for(tmp_path) -> None:
     save_artifact(model, x, a, "eager")
     save_artifact(model, x, b, "onnxruntime")
     res = time_artifacts(
-        {"torch": Artifact(a, "eager"), "ort": Artifact(b, "onnxruntime")}, x, threads=1, warmup=1, rounds=3, repeats=2
+        {"torch": Artifact(a, "eager"), "ort": Artifact(b, "onnxruntime")},
+        x,
+        threads=1,
+        warmup=1,
+        rounds=3,
+        repeats=2,
     )
     assert set(res) == {"torch", "ort"}
     for r in res.values():
@@ -190,7 +195,10 @@ def test_bad_input_is_one_input_error_line(tmp_path) -> None:
         (lambda: load_artifact(str(empty)), PathNotFoundError),
         (lambda: load_artifact(str(tmp_path / "missing")), PathNotFoundError),
         (lambda: get_runtime("tensorrt"), UnknownRuntimeError),
-        (lambda: save_artifact(tiny_bert(), inputs_of(tiny_bert(), 2), str(tmp_path / "x"), "tensorrt"), UnknownRuntimeError),
+        (
+            lambda: save_artifact(tiny_bert(), inputs_of(tiny_bert(), 2), str(tmp_path / "x"), "tensorrt"),
+            UnknownRuntimeError,
+        ),
         (lambda: time_artifacts({"a": Artifact(str(empty), "onnxruntime")}, torch.zeros(1, 3)), InputError),
     ):
         with pytest.raises(kind) as e:

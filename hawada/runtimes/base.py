@@ -106,7 +106,9 @@ class Runtime:
                 importlib.import_module(mod)
             except ImportError as e:
                 hint = f"pip install 'hawada[{self.extra}]'" if self.extra else f"pip install {mod}"
-                raise RuntimeMissingError(f"runtime {self.name!r} needs {mod}, which is not installed ({hint})") from e
+                raise RuntimeMissingError(
+                    f"runtime {self.name!r} needs {mod}, which is not installed ({hint})"
+                ) from e
 
     def versions(self) -> dict[str, str]:
         """The versions of torch and of the runtime's libraries (reported beside every timing)."""

@@ -53,7 +53,15 @@ class _Worker:
             env[var] = str(threads)
         self.label, self.log = label, log
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hawada.runtimes.worker", art.folder, art.runtime, inputs_path, str(threads)],
+            [
+                sys.executable,
+                "-m",
+                "hawada.runtimes.worker",
+                art.folder,
+                art.runtime,
+                inputs_path,
+                str(threads),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log,
@@ -70,7 +78,9 @@ class _Worker:
             self.proc.wait()
             self.log.seek(0)
             tail = self.log.read()[-2000:]
-            raise RuntimeError(f"timing worker for {self.label} exited with code {self.proc.returncode}:\n{tail}")
+            raise RuntimeError(
+                f"timing worker for {self.label} exited with code {self.proc.returncode}:\n{tail}"
+            )
         msg = json.loads(line)
         if "input_error" in msg:  # bad input the worker found (e.g. a folder without the artifact)
             raise InputError(msg["input_error"])
@@ -101,7 +111,9 @@ def time_artifacts(
     repeats`` samples (ms), for ``summarize_samples`` / ``ratio_ci``.
     """
     if rounds < 1 or repeats < 1 or warmup < 0 or threads < 1:
-        raise InputError(f"rounds, repeats, threads must be >= 1, warmup >= 0 (got {rounds}, {repeats}, {threads}, {warmup})")
+        raise InputError(
+            f"rounds, repeats, threads must be >= 1, warmup >= 0 (got {rounds}, {repeats}, {threads}, {warmup})"
+        )
     names, tensors = named_inputs(inputs)
     samples: dict[str, list[float]] = {k: [] for k in artifacts}
     workers: dict[str, _Worker] = {}

@@ -51,14 +51,15 @@ class Eager(Runtime):
         return _torch_deployed(self.name, OutputOf(load_slim(folder), names).eval(), names)
 
 
-# Dynamic int8, torch.ao against torchao 0.18 (Int8DynamicActivationInt8WeightConfig), measured on
-# the real MiniLM-L6 at batch 32 x 128 with 2 threads on a 2-core x86 CPU, interleaved rounds
-# (indicative only: the machine was shared while it ran): torch.ao ran at about 1/2.2 of fp32
-# eager's time and torchao at about 1/0.5 of it (twice as slow as fp32: without torch.compile its
-# int8 matmul falls back to unfused ops on CPU). So this runtime uses torch.ao's
-# quantize_dynamic (qint8 weights per channel, activations quantized per call by fbgemm), although
-# torch.ao.quantization is deprecated upstream in favour of torchao; revisit when torchao's eager
-# CPU path is faster.
+# Dynamic int8: torch.ao's quantize_dynamic against torchao 0.18 (quantize_ with
+# Int8DynamicActivationInt8WeightConfig), measured on the real MiniLM-L6 at batch 32 x 128, 2
+# threads, 2-core x86 CPU, alternating rounds (indicative only: the machine was shared and heavily
+# loaded while it ran). Against fp32 eager's median time: torch.ao per channel 0.69x (1.46x
+# faster), torch.ao per tensor 0.74x, torchao 19x (slower: without torch.compile its int8 matmul
+# runs as unfused eager ops on CPU). Token-state cosine to fp32: torch.ao per tensor 0.89, per
+# channel 0.94, torchao 0.996. So this runtime uses torch.ao per channel, although
+# torch.ao.quantization is deprecated upstream in favour of torchao; torchao's eager CPU path is
+# worth measuring again with each release (and under `compile`).
 def quantize_int8(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every non-empty ``nn.Linear`` dynamically quantized to int8:
     weights per output channel (per-tensor scales lost MiniLM's token states: cosine 0.89 against
@@ -106,10 +107,11 @@ class Int8Dynamic(Runtime):
         return _torch_deployed(self.name, OutputOf(q, names, adapter_for(fp32)).eval(), names)
 
 
-def _dynamic_shapes(names: list[str], tensors: list[torch.Tensor]) -> tuple:
-    """The batch is dynamic for every input, the length too for ``[B, L]`` token inputs."""
+def _dynamic_shapes(tensors: list[torch.Tensor]) -> dict:
+    """The batch is dynamic for every input, the length too for ``[B, L]`` token inputs (keyed by
+    :class:`OutputOf`'s varargs parameter)."""
     auto = torch.export.Dim.AUTO
-    return tuple({0: auto, 1: auto} if t.dim() == 2 else {0: auto} for t in tensors)
+    return {"tensors": tuple({0: auto, 1: auto} if t.dim() == 2 else {0: auto} for t in tensors)}
 
 
 @register_runtime
@@ -123,13 +125,15 @@ class Compile(Runtime):
 
     def build(self, model: nn.Module, example_inputs: Inputs) -> Deployed:
         names, _ = named_inputs(example_inputs)
-        return _torch_deployed(self.name, torch.compile(OutputOf(model, names).eval(), backend="inductor"), names)
+        return _torch_deployed(
+            self.name, torch.compile(OutputOf(model, names).eval(), backend="inductor"), names
+        )
 
     def write(self, model: nn.Module, example_inputs: Inputs, folder: str) -> None:
         names, tensors = named_inputs(example_inputs)
         with torch.no_grad():
             ep = torch.export.export(
-                OutputOf(model, names).eval(), tuple(tensors), dynamic_shapes=_dynamic_shapes(names, tensors)
+                OutputOf(model, names).eval(), tuple(tensors), dynamic_shapes=_dynamic_shapes(tensors)
             )
         torch.export.save(ep, os.path.join(folder, self.artifact))
 
