@@ -156,7 +156,7 @@ def main() -> None:
         row = {
             "model": m,
             "runtime": r,
-            "latency": t.to_dict(),
+            "latency": t.to_dict(samples=True),
             "speedup_vs_fp32_teacher": [base.median_ms / t.median_ms, *ratio_ci(base, t)],
             "speedup_vs_same_runtime_teacher": [
                 timings[f"teacher/{r}"].median_ms / t.median_ms,

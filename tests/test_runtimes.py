@@ -166,25 +166,21 @@ def test_compile_artifact_matches_eager(tmp_path, name: str) -> None:
 
 
 def test_child_process_timer_returns_the_samples_asked_for(tmp_path) -> None:
+    """Every runtime's latency path: each artifact timed in its own worker process."""
     model = tiny_bert()
     x = inputs_of(model, 2)
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    save_artifact(model, x, a, "eager")
-    save_artifact(model, x, b, "onnxruntime")
+    folder = str(tmp_path / "art")
+    for rt in RUNTIMES:  # one folder holds all five artifacts
+        save_artifact(model, x, folder, rt)
     res = time_artifacts(
-        {"torch": Artifact(a, "eager"), "ort": Artifact(b, "onnxruntime")},
-        x,
-        threads=1,
-        warmup=1,
-        rounds=3,
-        repeats=2,
+        {rt: Artifact(folder, rt) for rt in RUNTIMES}, x, threads=1, warmup=1, rounds=3, repeats=2
     )
-    assert set(res) == {"torch", "ort"}
-    for r in res.values():
-        assert r.n == 6 and len(r.samples_ms) == 6 and all(s > 0 for s in r.samples_ms)
-        assert r.threads == 1 and r.shapes == [[2, 11], [2, 11]]
-    assert res["ort"].timer == "child:onnxruntime"
-    lo, hi = ratio_ci(res["torch"], res["ort"])
+    assert list(res) == list(RUNTIMES)
+    for rt, r in res.items():
+        assert r.n == 6 and len(r.samples_ms) == 6 and all(s > 0 for s in r.samples_ms), rt
+        assert r.threads == 1 and r.shapes == [[2, 11], [2, 11]] and r.timer == f"child:{rt}"
+        assert r.dtype == ("int8" if "int8" in rt else "float32")
+    lo, hi = ratio_ci(res["eager"], res["onnxruntime"])
     assert 0 < lo <= hi
 
 
