@@ -35,7 +35,7 @@ import hawada
 from hawada.adapters import st_folder
 from hawada.adapters.base import get_adapter
 from hawada.core.distill import mean_cosine, retrieval_agreement
-from hawada.core.profiler import ratio_ci
+from hawada.core.profiler import LatencyResult, ratio_ci
 from hawada.data.text import Tokenized, build_corpus, load_tokenizer, passages, tokenize
 from hawada.jobs.text import packaged_minilm_folder
 from hawada.runtimes import Artifact, get_runtime, load_artifact, save_artifact, time_artifacts
@@ -87,6 +87,11 @@ def quality(emb: torch.Tensor, ref: torch.Tensor) -> dict:
         "retrieval_top1": ra["top1"],
         "retrieval_top10": ra["top10"],
     }
+
+
+def speedup(den: LatencyResult, num: LatencyResult) -> dict:
+    """``median(den) / median(num)`` with its bootstrap 95% interval."""
+    return {"ratio": den.median_ms / num.median_ms, "ci95": list(ratio_ci(den, num))}
 
 
 def main() -> None:
@@ -157,17 +162,14 @@ def main() -> None:
             "model": m,
             "runtime": r,
             "latency": t.to_dict(samples=True),
-            "speedup_vs_fp32_teacher": [base.median_ms / t.median_ms, *ratio_ci(base, t)],
-            "speedup_vs_same_runtime_teacher": [
-                timings[f"teacher/{r}"].median_ms / t.median_ms,
-                *ratio_ci(timings[f"teacher/{r}"], t),
-            ],
+            "speedup_vs_fp32_teacher": speedup(base, t),
+            "speedup_vs_same_runtime_teacher": speedup(timings[f"teacher/{r}"], t),
             "quality": {k: quality(embed(deployed, v), ref[k]) for k, v in sets.items()},
         }
         rows.append(row)
         q = row["quality"]
         print(
-            f"{key:28s} {t.median_ms:9.1f} ms  x{row['speedup_vs_fp32_teacher'][0]:.2f} "
+            f"{key:28s} {t.median_ms:9.1f} ms  x{row['speedup_vs_fp32_teacher']['ratio']:.2f} "
             f"cos test {q['test']['mean_cosine']:.3f} off {q['offdomain']['mean_cosine']:.3f}",
             file=sys.stderr,
         )
