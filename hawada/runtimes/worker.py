@@ -1,0 +1,68 @@
+"""The timing worker: ``python -m hawada.runtimes.worker FOLDER RUNTIME INPUTS THREADS``.
+
+It loads one artifact through its runtime's API, then answers commands on stdin, one JSON line on
+stdout each (``hawada.runtimes.timing`` drives it):
+
+- on start: ``{"ready": true, "dtype": ...}`` (or ``{"input_error": ...}`` and exit 2)
+- ``warm N``: N untimed calls, ``{"ok": true}``
+- ``run N``: N timed calls, ``{"samples_ms": [...]}``
+- ``quit``: exit 0
+
+Anything the libraries print goes to stderr, so stdout carries only these lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def main(argv: list[str]) -> int:
+    proto = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # stray prints of the libraries must not corrupt the protocol
+
+    def say(msg: dict) -> None:
+        proto.write(json.dumps(msg) + "\n")
+        proto.flush()
+
+    folder, runtime, inputs_path, threads = argv[0], argv[1], argv[2], int(argv[3])
+    import torch
+
+    from hawada.errors import InputError
+    from hawada.runtimes import load_artifact
+    from hawada.runtimes.base import as_inputs
+
+    torch.set_num_threads(threads)
+    try:
+        deployed = load_artifact(folder, runtime, threads=threads)
+    except InputError as e:
+        say({"input_error": str(e)})
+        return 2
+    saved = torch.load(inputs_path)
+    call = deployed.bind(as_inputs(saved["names"], saved["tensors"]))
+    say({"ready": True, "dtype": "int8" if "int8" in runtime else "float32"})
+    for line in sys.stdin:
+        cmd, _, arg = line.strip().partition(" ")
+        if cmd == "quit":
+            break
+        n = int(arg)
+        if cmd == "warm":
+            for _ in range(n):
+                call()
+            say({"ok": True})
+        elif cmd == "run":
+            xs = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                call()
+                xs.append((time.perf_counter() - t0) * 1e3)
+            say({"samples_ms": xs})
+        else:
+            raise ValueError(f"unknown worker command {line!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
