@@ -7,8 +7,8 @@ multiples/modes/kinds, target phase) on a tiny stand-in of the same family and d
 - Llama-3.2-1B: a 2-layer LLaMA with grouped-query attention (8 query heads over 2 KV heads, tied
   embeddings, FFN 512 so that the recipe's 256-wide FFN groups give 2 groups), saved in bf16 as the
   real checkpoint ships;
-- ResNet-18 on ImageNet: the real torchvision ResNet-18 (random weights saved as the recipe's
-  ``.pth``) on a small image folder of ``train/`` and ``val/``;
+- ResNet-18 on ImageNet: the real torchvision ResNet-18 (random weights saved as a weights
+  file) on a small image folder of ``train/`` and ``val/``;
 - ViT-Base: a 2-layer ViTForImageClassification folder on the same image folder;
 - tiny-llama (CPU): its teacher comes from a 23-minute training script, so a fresh 2-layer LLaMA in
   fp32 stands in.
@@ -174,11 +174,13 @@ def stand_in(name: str, d: dict, work: str) -> tuple[dict, str, torch.dtype]:
             import torchvision
 
             torch.manual_seed(0)
-            path = os.path.join(work, "resnet18.pth")
+            from safetensors.torch import save_file
+
+            path = os.path.join(work, "resnet18.safetensors")
             # as many classes as the stand-in data (ImageNet's weights and folders both have 1000)
-            torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), path)
+            save_file(torchvision.models.resnet18(num_classes=3).state_dict(), path)
             m["path"] = path
-            return d, "ResNet-18 (random weights, .pth), 3-class image folder 24 px", torch.float32
+            return d, "ResNet-18 (random weights, safetensors), 3-class image folder 24 px", torch.float32
         path = os.path.join(work, "vit")
         tiny_vit(path, num_labels=3, image_size=size)
         m["path"], m["num_classes"] = path, 3

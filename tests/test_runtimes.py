@@ -9,6 +9,7 @@ runtimes within a cosine bound (below). The child-process timer returns the samp
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -127,14 +128,22 @@ def test_onnx_artifacts_load_in_plain_onnxruntime(tmp_path) -> None:
         load_artifact(folder)
 
 
-def test_torch_int8_artifact_is_quantized_state(tmp_path) -> None:
+def test_torch_int8_artifact_names_every_quantized_layer(tmp_path) -> None:
+    """The int8 artifact is a JSON recipe (no pickle): it names one quantized layer per non-empty
+    Linear; the loaded model quantizes exactly those, and a recipe that names others is refused."""
     model = tiny_bert()
     folder = str(tmp_path / "art")
     save_artifact(model, inputs_of(model, 2), folder, "int8_dynamic")
-    state = torch.load(os.path.join(folder, "model.int8.pt"), weights_only=False)
-    packed = [k for k in state if k.endswith("_packed_params._packed_params")]
+    spec_path = os.path.join(folder, "model.int8.json")
+    with open(spec_path) as f:
+        spec = json.load(f)
     linears = sum(isinstance(m, torch.nn.Linear) and m.weight.numel() > 0 for m in model.modules())
-    assert len(packed) == linears > 0
+    assert len(spec["layers"]) == linears > 0
+    spec["layers"] = spec["layers"][1:]
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    with pytest.raises(InputError, match="describes another int8 model"):
+        load_artifact(folder, "int8_dynamic")
 
 
 def test_int8_bound_is_tight_enough() -> None:
@@ -160,7 +169,7 @@ def test_compile_artifact_matches_eager(tmp_path, name: str) -> None:
     model = MODELS[name]()
     folder = str(tmp_path / "art")
     path = save_artifact(model, inputs_of(model, 2), folder, "compile")
-    assert path.endswith("model.pt2")
+    assert path.endswith("model.compile.json")
     x = inputs_of(model, 3)
     assert relative_error(load_artifact(folder, "compile")(x), eager_output(model, x)) <= FP32_TOL
 

@@ -7,7 +7,6 @@ import json
 import os
 
 from hawada.errors import InputError
-from hawada.hf_remote.modeling_hawada import DECODER_CLASSES, ENCODER_CLASSES, stock_name
 
 LAYOUT_FILE = "layout.json"
 
@@ -38,12 +37,18 @@ def declares_layout(path: str) -> bool:
 
 def architecture(config: dict) -> str | None:
     """The stock class name ``config.json`` declares (``architectures[0]``, ``Hawada`` removed)."""
+    # imported here: the modeling file imports transformers, which reading a folder's JSON (and
+    # importing the jobs that do) must not need
+    from hawada.hf_remote.modeling_hawada import stock_name
+
     arch = config.get("architectures") or []
     return stock_name(str(arch[0])) if arch else None
 
 
 def hf_family(config: dict) -> str | None:
     """``hf_encoder`` / ``hf_decoder`` for a config of a class one of them saves and loads."""
+    from hawada.hf_remote.modeling_hawada import DECODER_CLASSES, ENCODER_CLASSES
+
     name = architecture(config)
     if name in ENCODER_CLASSES:
         return "hf_encoder"

@@ -31,7 +31,6 @@ import torch
 from torch import nn
 
 from hawada.adapters.base import get_adapter
-from hawada.adapters.hf_decoder import CheckpointError, VocabMismatchError, check_same_vocab
 from hawada.config import Recipe
 from hawada.data.files import lm_splits, read_documents
 from hawada.data.lm import Tokenizer, stdlib_splits
@@ -193,6 +192,8 @@ def tokens_per_call(phase: str, batch: int, context: int, decode_tokens: int) ->
 @torch.no_grad()
 def lm_metrics(teacher: nn.Module, student: nn.Module, loader, device: torch.device) -> dict:
     """Perplexity of both models on ``loader`` (next-token, masked) and top-1 agreement."""
+    from hawada.adapters.hf_decoder import check_same_vocab
+
     check_same_vocab(teacher, student)
     was_s = student.training
     teacher.eval()
@@ -225,6 +226,9 @@ def lm_metrics(teacher: nn.Module, student: nn.Module, loader, device: torch.dev
 
 @register_job("stdlib_source")  # and data.kind text, through jobs.text.build_user_text_job
 def build_lm_job(recipe: Recipe, device: torch.device) -> Job:
+    # the decoder adapter needs transformers: imported when a decoder job is built, so that
+    # looking the job kinds up does not
+    from hawada.adapters.hf_decoder import CheckpointError, VocabMismatchError
     d, m, tgt = recipe.data, recipe.model, recipe.target
     adapter = get_adapter(m.family)
     if adapter.family != "hf_decoder":

@@ -97,6 +97,27 @@ class _Worker:
                 self.proc.wait()
 
 
+
+def save_inputs(names: list[str], tensors: list[torch.Tensor], path: str) -> None:
+    """The example inputs a worker process times, as safetensors (no pickle crosses processes)."""
+    from safetensors.torch import save_file
+
+    save_file(
+        {f"t{i}": t.detach().cpu().contiguous() for i, t in enumerate(tensors)},
+        path,
+        metadata={"names": json.dumps(names)},
+    )
+
+
+def load_inputs(path: str) -> tuple[list[str], list[torch.Tensor]]:
+    """``(names, tensors)`` written by :func:`save_inputs`."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        names = json.loads(f.metadata()["names"])
+        tensors = [f.get_tensor(f"t{i}") for i in range(len(f.keys()))]
+    return names, tensors
+
 def time_artifacts(
     artifacts: dict[str, Artifact],
     inputs: Inputs,
@@ -118,8 +139,8 @@ def time_artifacts(
     samples: dict[str, list[float]] = {k: [] for k in artifacts}
     workers: dict[str, _Worker] = {}
     with tempfile.TemporaryDirectory(prefix="hawada-timing-") as tmp:
-        inputs_path = os.path.join(tmp, "inputs.pt")
-        torch.save({"names": names, "tensors": [t.detach().cpu() for t in tensors]}, inputs_path)
+        inputs_path = os.path.join(tmp, "inputs.safetensors")
+        save_inputs(names, tensors, inputs_path)
         logs = {k: open(os.path.join(tmp, f"{i}.log"), "w+") for i, k in enumerate(artifacts)}  # noqa: SIM115
         try:
             for k, art in artifacts.items():

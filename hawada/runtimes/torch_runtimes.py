@@ -1,10 +1,11 @@
 """The torch runtimes: ``eager`` (fp32 as exported), ``int8_dynamic`` (dynamically quantized
-``nn.Linear`` layers) and ``compile`` (``torch.export`` program run through ``torch.compile``
-with inductor)."""
+``nn.Linear`` layers) and ``compile`` (``torch.compile`` with inductor). No artifact is a
+pickle: int8 and compile are recipes (JSON) applied to the slim folder beside them at load."""
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import warnings
 from collections.abc import Callable
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from hawada.adapters.base import adapter_for
+from hawada.errors import InputError
 from hawada.runtimes.base import Deployed, Inputs, OutputOf, Runtime, named_inputs, register_runtime
 from hawada.slim_io import load_slim, save_slim
 
@@ -60,6 +62,16 @@ class Eager(Runtime):
 # channel 0.94, torchao 0.996. So this runtime uses torch.ao per channel, although
 # torch.ao.quantization is deprecated upstream in favour of torchao; torchao's eager CPU path is
 # worth measuring again with each release (and under `compile`).
+INT8_SCHEME = "torch.ao dynamic, qint8 weights per output channel, non-empty nn.Linear only"
+
+
+def quantized_layers(q: nn.Module) -> list[str]:
+    """Names of the dynamically quantized Linear layers of ``q``."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    return [n for n, m in q.named_modules() if isinstance(m, DynamicLinear)]
+
+
 def quantize_int8(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every non-empty ``nn.Linear`` dynamically quantized to int8:
     weights per output channel (per-tensor scales lost MiniLM's token states: cosine 0.89 against
@@ -80,12 +92,14 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
 @register_runtime
 class Int8Dynamic(Runtime):
-    """torch dynamic int8 quantization of the Linear layers. The artifact is the quantized
-    ``state_dict`` (packed int8 weights and their scales); loading rebuilds the fp32 architecture
-    from the slim folder beside it, quantizes it the same way and loads the state into it."""
+    """torch dynamic int8 quantization of the Linear layers. Dynamic quantization derives the int8
+    weights and their per-channel scales from the fp32 weights alone, deterministically, so the
+    artifact is the recipe, not a pickle of packed weights (torch can only unpickle those with
+    arbitrary code): ``model.int8.json`` names the scheme and the quantized layers, and loading
+    quantizes the slim folder beside it the same way and checks it got those layers."""
 
     name = "int8_dynamic"
-    artifact = "model.int8.pt"
+    artifact = "model.int8.json"
 
     def build(self, model: nn.Module, example_inputs: Inputs) -> Deployed:
         names, _ = named_inputs(example_inputs)
@@ -93,52 +107,51 @@ class Int8Dynamic(Runtime):
         return _torch_deployed(self.name, OutputOf(q, names, adapter_for(model)).eval(), names)
 
     def write(self, model: nn.Module, example_inputs: Inputs, folder: str) -> None:
-        save_slim(model, folder)  # the architecture the quantized state is loaded into
-        torch.save(quantize_int8(model).state_dict(), os.path.join(folder, self.artifact))
+        save_slim(model, folder)  # the fp32 weights the int8 ones are derived from
+        with open(os.path.join(folder, self.artifact), "w") as f:
+            json.dump({"scheme": INT8_SCHEME, "layers": quantized_layers(quantize_int8(model))}, f, indent=1)
 
     def read(self, folder: str, names: list[str], threads: int | None) -> Deployed:
         if threads:
             torch.set_num_threads(threads)
         fp32 = load_slim(folder)
         q = quantize_int8(fp32)
-        # Packed quantized weights are not plain tensors: the state must be unpickled in full.
-        state = torch.load(os.path.join(folder, self.artifact), weights_only=False)
-        q.load_state_dict(state)
+        with open(os.path.join(folder, self.artifact)) as f:
+            spec = json.load(f)
+        if spec.get("scheme") != INT8_SCHEME or spec.get("layers") != quantized_layers(q):
+            raise InputError(f"{folder}: {self.artifact} describes another int8 model than the one beside it")
         return _torch_deployed(self.name, OutputOf(q, names, adapter_for(fp32)).eval(), names)
-
-
-def _dynamic_shapes(tensors: list[torch.Tensor]) -> dict:
-    """The batch is dynamic for every input, the length too for ``[B, L]`` token inputs (keyed by
-    :class:`OutputOf`'s varargs parameter)."""
-    auto = torch.export.Dim.AUTO
-    return {"tensors": tuple({0: auto, 1: auto} if t.dim() == 2 else {0: auto} for t in tensors)}
 
 
 @register_runtime
 class Compile(Runtime):
-    """``torch.compile`` with inductor (CPU or GPU). The artifact is the ``torch.export`` program
-    (``model.pt2``); loading runs ``torch.export.load(...).module()`` through ``torch.compile``, which
-    compiles on the first call (a warmup call, never a timed one)."""
+    """``torch.compile`` with inductor (CPU or GPU). ``torch.compile`` compiles in the process that
+    runs the model, and torch's serialized programs (``torch.export.save``) are read back with
+    pickle, which HawAda does not load. So the artifact is the slim folder plus
+    ``model.compile.json`` (backend and dynamic dimensions); loading compiles the folder's model,
+    on its first call (a warmup call, never a timed one)."""
 
     name = "compile"
-    artifact = "model.pt2"
+    artifact = "model.compile.json"
 
     def build(self, model: nn.Module, example_inputs: Inputs) -> Deployed:
         names, _ = named_inputs(example_inputs)
         return _torch_deployed(
-            self.name, torch.compile(OutputOf(model, names).eval(), backend="inductor"), names
+            self.name, torch.compile(OutputOf(model, names).eval(), backend="inductor", dynamic=True), names
         )
 
     def write(self, model: nn.Module, example_inputs: Inputs, folder: str) -> None:
-        names, tensors = named_inputs(example_inputs)
-        with torch.no_grad():
-            ep = torch.export.export(
-                OutputOf(model, names).eval(), tuple(tensors), dynamic_shapes=_dynamic_shapes(tensors)
-            )
-        torch.export.save(ep, os.path.join(folder, self.artifact))
+        save_slim(model, folder)
+        with open(os.path.join(folder, self.artifact), "w") as f:
+            json.dump({"backend": "inductor", "dynamic": True}, f, indent=1)
 
     def read(self, folder: str, names: list[str], threads: int | None) -> Deployed:
         if threads:
             torch.set_num_threads(threads)
-        module = torch.export.load(os.path.join(folder, self.artifact)).module()
-        return _torch_deployed(self.name, torch.compile(module, backend="inductor"), names)
+        with open(os.path.join(folder, self.artifact)) as f:
+            spec = json.load(f)
+        model = load_slim(folder)
+        module = torch.compile(
+            OutputOf(model, names, adapter_for(model)).eval(), backend=spec["backend"], dynamic=spec["dynamic"]
+        )
+        return _torch_deployed(self.name, module, names)

@@ -33,6 +33,7 @@ def main(argv: list[str]) -> int:
     from hawada.errors import InputError
     from hawada.runtimes import load_artifact
     from hawada.runtimes.base import as_inputs
+    from hawada.runtimes.timing import load_inputs
 
     torch.set_num_threads(threads)
     try:
@@ -40,8 +41,8 @@ def main(argv: list[str]) -> int:
     except InputError as e:
         say({"input_error": str(e)})
         return 2
-    saved = torch.load(inputs_path)
-    call = deployed.bind(as_inputs(saved["names"], saved["tensors"]))
+    names, tensors = load_inputs(inputs_path)
+    call = deployed.bind(as_inputs(names, tensors))
     say({"ready": True, "dtype": "int8" if "int8" in runtime else "float32"})
     for line in sys.stdin:
         cmd, _, arg = line.strip().partition(" ")
