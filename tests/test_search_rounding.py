@@ -229,6 +229,10 @@ def test_export_uniform_times_and_describes_the_uniform_model():
     ctx = type("Ctx", (), {})()  # the fields search_and_export reads, on a real tiny LLaMA
     ctx.recipe, ctx.teacher, ctx.adapter, ctx.env, ctx.log = recipe, teacher, ad, SINGLE, logs.append
     ctx.meter, ctx.device = ParamMeter(), torch.device("cpu")
+    # the batch each trial's quality is scored on (report.png's latency-quality plane)
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    ctx.job = type("Job", (), {"train_loader": [batch]})()
     setup = Setup(1.0, 0.1, 0.95, 0.0, 0.0, [], [], False, {})
     chosen = search_and_export(ctx, student, setup)
     best = chosen.search.best
