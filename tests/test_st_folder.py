@@ -26,6 +26,7 @@ from hawada.core.gates import GateConfig
 from hawada.data.text import load_tokenizer, tokenize
 from hawada.errors import InputError
 from hawada.jobs.text import embed, packaged_minilm_folder
+from tests.test_text_job import smoke_overrides
 
 RECIPE = os.path.join(os.path.dirname(__file__), "..", "recipes", "cpu", "minilm-l6.yaml")
 TEXTS = [
@@ -304,28 +305,7 @@ def test_text_run_slim_folder_loads_in_sentence_transformers(tmp_path) -> None:
     ]
     (src / "modules.json").write_text(json.dumps(modules))
     out = tmp_path / "run"
-    r = load_recipe(
-        RECIPE,
-        [
-            f"model.path={src}",
-            "data.max_chars=250000",
-            "data.seq_len=32",
-            "target.batch_size=4",
-            "train.steps=3",
-            "train.probe_every=3",
-            "train.target_ramp_steps=2",
-            "finetune.steps=2",
-            "finetune.eval_every=2",
-            "proxy.calib_points=2",
-            "measure.warmup=1",
-            "measure.min_repeats=2",
-            "measure.max_repeats=3",
-            "measure.budget_s=0.2",
-            "progress=false",
-            "threads=1",
-            f"output.dir={out}",
-        ],
-    )
+    r = load_recipe(RECIPE, [f"model.path={src}", *smoke_overrides(out)])
     optimize(r, log=lambda s: None)
     slim_dir = str(out / "slim")
     spec = st_folder.read_st_folder(slim_dir)

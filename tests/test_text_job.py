@@ -106,33 +106,35 @@ def test_job_refuses_a_model_folder_without_tokenizer(tmp_path) -> None:
         build_text_job(r, torch.device("cpu"))
 
 
+def smoke_overrides(out) -> list[str]:
+    """``--set`` items that shorten the MiniLM recipe to a seconds-long run writing into ``out``."""
+    return [
+        "data.max_chars=250000",
+        "data.seq_len=32",
+        "target.batch_size=4",
+        "train.steps=3",
+        "train.probe_every=3",
+        "train.target_ramp_steps=2",
+        "finetune.steps=2",
+        "finetune.eval_every=2",
+        "proxy.calib_points=2",
+        "measure.warmup=1",
+        "measure.min_repeats=2",
+        "measure.max_repeats=3",
+        "measure.budget_s=0.2",
+        "progress=false",
+        "threads=1",
+        f"output.dir={out}",
+    ]
+
+
 def test_minilm_recipe_smoke_run(tmp_path) -> None:
     """A few steps of the real recipe on the packaged MiniLM weights, end to end."""
     from hawada.run import optimize
 
     torch.set_num_threads(1)
     out = tmp_path / "run"
-    r = load_recipe(
-        RECIPE,
-        [
-            "data.max_chars=250000",
-            "data.seq_len=32",
-            "target.batch_size=4",
-            "train.steps=3",
-            "train.probe_every=3",
-            "train.target_ramp_steps=2",
-            "finetune.steps=2",
-            "finetune.eval_every=2",
-            "proxy.calib_points=2",
-            "measure.warmup=1",
-            "measure.min_repeats=2",
-            "measure.max_repeats=3",
-            "measure.budget_s=0.2",
-            "progress=false",
-            "threads=1",
-            f"output.dir={out}",
-        ],
-    )
+    r = load_recipe(RECIPE, smoke_overrides(out))
     report = optimize(r, log=lambda s: None)
     agreement = report["agreement"]
     assert set(agreement) == {"mean_cosine", "retrieval_top1", "retrieval_top10"}
