@@ -10,6 +10,7 @@ from hawada.core.profiler import (
     latency_meter,
     measure_latency_ms,
     measure_pooled,
+    relative_meter,
     summarize_samples,
 )
 from tests.helpers import latency_result
@@ -113,6 +114,32 @@ def test_pooled_measurement_interleaves_and_pools_every_round():
     assert sorted(ra.samples_ms) == sorted([1.0 + k for k in (1, 2, 3)] + [1.0 + 10 * k for k in (1, 2, 3)])
     assert ra.median_ms == summarize_samples(ra.samples_ms)["median_ms"]
     assert rb.p80_ms == summarize_samples(rb.samples_ms)["p80_ms"]
+
+
+def test_relative_meter_cancels_a_drifting_clock():
+    """A machine that slows by 10% per call: the plain meter reads the same model differently
+    each time; the relative meter gives reference_ms x (model / reference) every time."""
+    calls = [0]
+
+    def drifting(model: nn.Module):
+        calls[0] += 1
+        speed = 1.1 ** calls[0]
+        return latency_result([model.cost * speed] * 3)
+
+    ref, half = nn.Identity(), nn.Identity()
+    ref.cost, half.cost = 40.0, 20.0
+    plain = [drifting(half).median_ms for _ in range(3)]
+    assert max(plain) / min(plain) > 1.2  # the drift the relative meter must remove
+    rel = relative_meter(drifting, ref, reference_ms=100.0)
+    got = [rel(half) for _ in range(3)]
+    for r in got:
+        # reference and model share each round's speed up to one call's drift (x1.1)
+        assert 50.0 <= r.median_ms <= 55.0 + 1e-9
+        assert r.n == 3 and r.samples_ms == [r.median_ms] * 3
+    assert max(g.median_ms for g in got) == pytest.approx(min(g.median_ms for g in got))
+    assert relative_meter(drifting, ref, 100.0, rounds=2)(ref).median_ms == pytest.approx(
+        100.0 * 1.1, rel=1e-9
+    )  # the model is timed right after the reference in each round: one call of drift
 
 
 def test_measures_a_model_and_reports_its_settings():

@@ -492,6 +492,44 @@ def measure_pooled(models: list[nn.Module], meter: Meter, rounds: int = 3) -> li
     return [pooled(rs) for rs in runs]
 
 
+def scaled_result(r: LatencyResult, scale: float) -> LatencyResult:
+    """``r`` with every time multiplied by ``scale`` (counts and provenance unchanged)."""
+    return LatencyResult(
+        median_ms=r.median_ms * scale,
+        p20_ms=r.p20_ms * scale,
+        p80_ms=r.p80_ms * scale,
+        mean_ms=r.mean_ms * scale,
+        std_ms=r.std_ms * scale,
+        min_ms=r.min_ms * scale,
+        ci95_ms=r.ci95_ms * scale,
+        n=r.n,
+        device=r.device,
+        dtype=r.dtype,
+        shapes=r.shapes,
+        warmup=r.warmup,
+        timer=r.timer,
+        threads=r.threads,
+        samples_ms=[x * scale for x in r.samples_ms],
+    )
+
+
+def relative_meter(meter: Meter, reference: nn.Module, reference_ms: float, rounds: int = 1) -> Meter:
+    """A meter whose result is ``reference_ms x (model / reference)``, the two timed interleaved.
+
+    Absolute times on a shared machine drift by several percent from one minute to the next,
+    while the ratio of two models timed side by side does not: every point the proxy is fitted
+    on (calibration, probes) is therefore put on the scale of one keep-all measurement, so the
+    proxy of keep-all is that measurement and the proxy's other numbers are ratios to it, the
+    quantity the target and the final report are stated in.
+    """
+
+    def meter_rel(model: nn.Module) -> LatencyResult:
+        ref_r, r = measure_pooled([reference, model], meter, rounds=rounds)
+        return scaled_result(r, reference_ms / ref_r.median_ms)
+
+    return meter_rel
+
+
 def ratio_ci(
     num: LatencyResult,
     den: LatencyResult | float,

@@ -14,7 +14,7 @@ from torch import nn
 from hawada.core.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from hawada.core.distributed import fully_shard_layers, main_only, on_main
 from hawada.core.export import ExportPolicy, export
-from hawada.core.profiler import measure_pooled
+from hawada.core.profiler import measure_pooled, relative_meter
 from hawada.core.proxy_cost import LatencyProxy
 from hawada.core.train import LagrangeTrainer, StopRequested, make_latency_probe
 from hawada.errors import InputError
@@ -122,7 +122,10 @@ def train_gates(ctx: RunContext, setup: Setup, proxy: LatencyProxy, calib: list,
     kd_teacher, materialize = ctx.teacher, None
     if env.enabled and recipe.distributed.strategy == "fsdp":
         kd_teacher, materialize = _sharded(ctx)
-    probe = make_latency_probe(ctx.student, ctx.meter, ctx.device if materialize else None)
+    # probes are timed next to keep-all and put on the setup's scale, as the calibration points
+    # are (sharded: the plain teacher waits in host memory, so the probe is timed alone)
+    meter = ctx.meter if materialize else relative_meter(ctx.meter, ctx.teacher, setup.base_ms)
+    probe = make_latency_probe(ctx.student, meter, ctx.device if materialize else None)
     trainer = LagrangeTrainer(
         ctx.student,
         kd_teacher,

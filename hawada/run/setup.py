@@ -15,7 +15,7 @@ from hawada.core.checkpoint import has_checkpoint, load_checkpoint, save_checkpo
 from hawada.core.export import ExportPolicy, compute_dtype, export
 from hawada.core.gates import GateStore
 from hawada.core.loop import Progress
-from hawada.core.profiler import Meter, measure_pooled
+from hawada.core.profiler import Meter, measure_pooled, relative_meter
 from hawada.core.proxy_cost import LatencyProxy
 from hawada.errors import InputError
 from hawada.run.context import RunContext
@@ -124,8 +124,13 @@ def measure_setup(ctx: RunContext) -> Setup:
             )
         ctx.log(f"proxy lookup table: {n_ops} ops timed")
     with progress_bar(ctx, "setup: calibration", p.calib_points) as bar:
+        # each point timed next to keep-all and put on the scale of base_ms (a drift of the
+        # machine's speed between two points would otherwise be fitted as a cost of width)
         calib = measure_subarchs(
-            ctx.student, calibration_logits(ctx.student, p.calib_points, recipe.seed), ctx.meter, bar.step
+            ctx.student,
+            calibration_logits(ctx.student, p.calib_points, recipe.seed),
+            relative_meter(ctx.meter, ctx.teacher, base_ms),
+            bar.step,
         )
     fit = proxy.calibrate([w for w, _ in calib], [m for _, m in calib])
     with torch.no_grad():
