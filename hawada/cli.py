@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import traceback
 
@@ -126,9 +127,30 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from hawada.slim_io import save_slim
 
     model = _load_slim(args.model_dir)
-    if os.path.exists(args.out_dir) and os.listdir(args.out_dir):
+    out = os.path.normpath(args.out_dir)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise InputError(f"output folder {args.out_dir} exists and is not empty")
-    save_slim(model, args.out_dir)
+    # written beside the target and renamed at the end: a failure leaves no half-written folder
+    tmp = out + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_slim(model, tmp)
+        # what the model's save does not write travels with it: the tokenizer, the
+        # sentence-transformers modules (modules.json, pooling, normalize), runtime artifacts
+        for name in sorted(os.listdir(args.model_dir)):
+            src, dst = os.path.join(args.model_dir, name), os.path.join(tmp, name)
+            if os.path.exists(dst):
+                continue
+            if os.path.isdir(src):
+                shutil.copytree(src, dst)
+            else:
+                shutil.copy2(src, dst)
+        if os.path.isdir(out):
+            os.rmdir(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     print(f"saved {args.out_dir}")
     return 0
 

@@ -21,6 +21,7 @@ import hawada
 from hawada.adapters import st_folder
 from hawada.adapters.hf_encoder import HFEncoderAdapter, stock_loadable
 from hawada.adapters.st_folder import Pooling
+from hawada.cli import main
 from hawada.config import load_recipe
 from hawada.core.gates import GateConfig
 from hawada.data.text import load_tokenizer, tokenize
@@ -256,6 +257,12 @@ def test_non_uniform_slim_round_trip_through_sentence_transformers(tmp_path, poo
     # do not fit: loading fails (it never gives a model with re-drawn weights)
     with pytest.raises(Exception, match="ignore_mismatched_sizes"):
         st.SentenceTransformer(folder, device="cpu")
+    # `hawada export` re-saves the model and carries the tokenizer and the modules with it
+    out = str(tmp_path / "exported")
+    assert main(["export", folder, out]) == 0
+    assert sorted(os.listdir(out)) == sorted(os.listdir(folder)) and not os.path.exists(out + ".partial")
+    assert max_abs(st_embeddings(out, trust_remote_code=True), theirs) < TOL
+    assert main(["export", folder, out]) == 2  # not empty: refused, nothing written
 
 
 def test_writer_needs_no_sentence_transformers_and_names_the_modules(tmp_path) -> None:
