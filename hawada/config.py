@@ -62,7 +62,12 @@ class DataSection:
         "text",
         help="text: the JSON key / column holding each document's text (.jsonl, .csv, .parquet, datasets)",
     )
-    image_size: int = knob(32, lo=8)
+    image_size: int | None = knob(
+        None,
+        lo=8,
+        help="image side in pixels; unset: the image size a transformers model's config.json declares, "
+        "else 32",
+    )
     batch_size: int = knob(64, lo=1)
     seq_len: int = knob(128, lo=8)
     val_fraction: float = knob(0.2, lo=0.0, hi=0.9)

@@ -114,3 +114,16 @@ def test_a_classifier_that_does_not_fit_the_data_is_refused(tmp_path, labels, im
     with pytest.raises(DataError) as e:
         build_vision_job(recipe, torch.device("cpu"))
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_unset_image_size_is_the_one_the_model_folder_declares(tmp_path) -> None:
+    save_tiny_vit(tmp_path / "vit", num_labels=3, image_size=24)
+    data = write_image_folder(tmp_path / "images", IMAGES)
+    spec = vit_recipe(tmp_path / "vit", data, tmp_path / "run")
+    del spec["data"]["image_size"]
+    job = build_vision_job(recipe_from_dict(spec), torch.device("cpu"))
+    assert tuple(job.latency_inputs.shape) == (4, 3, 24, 24)
+    images, _ = next(iter(job.train_loader))
+    assert tuple(images.shape[-2:]) == (24, 24)
+    with torch.no_grad():  # the teacher takes the data's images as they come
+        assert job.teacher(pixel_values=images).logits.shape == (images.shape[0], 3)

@@ -17,6 +17,7 @@ from hawada.data.vision import (
     imagefolder_splits,
     train_classifier,
 )
+from hawada.hf_remote.folder import read_config_json
 from hawada.jobs.base import Job, register_job
 
 IMAGE_FAMILIES = ("resnet", "hf_encoder")  # the families whose models classify images
@@ -45,6 +46,21 @@ def check_classifier(teacher: nn.Module, adapter: Adapter, splits: Splits) -> No
         raise DataError(f"data.image_size: {want}, but the {name} takes {size}-pixel images")
 
 
+DEFAULT_IMAGE_SIZE = 32  # data.image_size when neither the recipe nor the model folder gives one
+
+
+def declared_image_size(path: str | None) -> int | None:
+    """The square image size a transformers model folder's config.json declares (ViT: ``image_size``),
+    or None (no folder, a torchvision weights file, no such field, a non-square size)."""
+    if path is None or not os.path.isdir(path):
+        return None
+    cfg = read_config_json(path) or {}
+    size = cfg.get("image_size")
+    if isinstance(size, list | tuple) and len(size) == 2 and size[0] == size[1]:
+        size = size[0]
+    return int(size) if isinstance(size, int) else None
+
+
 @register_job("digits", "imagefolder")
 def build_vision_job(recipe: Recipe, device: torch.device) -> Job:
     d, m = recipe.data, recipe.model
@@ -54,12 +70,13 @@ def build_vision_job(recipe: Recipe, device: torch.device) -> Job:
             f"data.kind: {d.kind} is image data, which the {m.family} family does not take "
             f"(image families: {', '.join(IMAGE_FAMILIES)}; text: data.kind text, stdlib_docstrings or stdlib_source)"
         )
-    if d.kind == "digits":
-        splits = digits_splits(d.image_size, d.batch_size, d.val_fraction, recipe.seed)
-    else:
-        splits = imagefolder_splits(d.path or "", d.image_size, d.batch_size, d.num_workers)
     if m.path is not None and not os.path.exists(m.path):
         raise DataError(f"model.path: file not found: {m.path}")
+    size = d.image_size if d.image_size is not None else declared_image_size(m.path) or DEFAULT_IMAGE_SIZE
+    if d.kind == "digits":
+        splits = digits_splits(size, d.batch_size, d.val_fraction, recipe.seed)
+    else:
+        splits = imagefolder_splits(d.path or "", size, d.batch_size, d.num_workers)
     teacher: nn.Module = adapter.load_model(m.arch, splits.num_classes, m.path)
     check_classifier(teacher, adapter, splits)
     info = {
@@ -74,9 +91,7 @@ def build_vision_job(recipe: Recipe, device: torch.device) -> Job:
         )
         info["teacher_train_loss"] = losses
     teacher.to(device).eval()
-    lat_in = torch.randn(
-        recipe.target.batch_size, 3, d.image_size, d.image_size, generator=torch.Generator().manual_seed(0)
-    )
+    lat_in = torch.randn(recipe.target.batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
 
     def evaluate(t: nn.Module, s: nn.Module, split: str) -> dict:
         return classification_metrics(t, s, splits.val if split == "val" else splits.test, device)
