@@ -1,6 +1,7 @@
 """The whole job on a tiny recipe: attach -> calibrate -> train -> search -> export -> fine-tune -> report."""
 
 import json
+import math
 import os
 
 import pytest
@@ -149,7 +150,9 @@ def test_profile_fidelity_reports_both_proxy_modes(tmp_path, capsys):
         assert len(m["predicted_ms"]) == 4
         assert m["mape_pct"] == pytest.approx(mape(m["predicted_ms"], fid["measured_ms"]))
         assert m["spearman"] == pytest.approx(spearman(m["predicted_ms"], fid["measured_ms"]))
-        assert all(p > 0 for p in m["predicted_ms"]) and len(set(m["predicted_ms"])) == 4
+        # (a 16-pixel batch of 2 is per-op overhead: a fit that is one constant may be the right one)
+        assert all(p > 0 for p in m["predicted_ms"])
+        assert math.isfinite(m["keep_all_error_pct"]) and fid["keep_all_ms"] > 0
     assert fid["modes"]["lut"]["ops_timed"] > 0
 
 
@@ -198,6 +201,7 @@ def test_fidelity_is_the_proxy_error_on_held_out_sub_architectures():
     m = good["modes"]["analytic"]
     assert len(set(good["measured_ms"])) == 6  # six different held-out sub-architectures
     assert m["mape_pct"] < 1e-3 and m["spearman"] == pytest.approx(1.0)
+    assert abs(m["keep_all_error_pct"]) < 1e-3 and good["keep_all_ms"] > max(good["measured_ms"])
     bad = proxy_fidelity(
         gated, adapter, x, FlopsMeter(x, sign=-1.0), "cpu", modes=("analytic",), calib_points=3, points=4
     )
