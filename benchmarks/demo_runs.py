@@ -10,7 +10,8 @@ within the tolerance of the target ratio.
 
 Run: ``python benchmarks/demo_runs.py --runs 3`` (about 15 minutes per run of the MiniLM demo on
 2 cores; nothing else should run meanwhile). ``--recipe``/``--set`` run another recipe or override
-keys; ``--name`` names the JSON under ``benchmarks/results/``.
+keys; ``--name`` names the JSON under ``benchmarks/results/``; ``--append`` adds runs to it (one
+run at a time, each looked at before the next).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from common import HERE, write_result
+from common import HERE, results_dir, write_result
 
 ROOT = os.path.dirname(HERE)
 
@@ -50,7 +51,10 @@ def summarize_report(report: dict) -> dict:
         "search_fallback": search.get("fallback"),
         "proxy_keepall_error": report["proxy"].get("keepall_error"),
         "proxy_calib_mape": report["proxy"].get("initial_fit_mape"),
-        "layout": [(x.get("attn"), x.get("ffn")) for x in report["layout"]["slim"].get("layers", [])],
+        "agreement": report["agreement"],
+        "tokens_per_s": lat.get("tokens_per_s"),
+        "params_ratio": report["params"]["ratio"],
+        "layout": report["layout"]["slim"].get("layers"),
         "wall_seconds": report.get("wall_seconds"),
     }
     if target_ratio:
@@ -87,8 +91,16 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], dest="sets", help="KEY=VALUE recipe override")
     ap.add_argument("--name", default="demo_runs")
     ap.add_argument("--tolerance", type=float, default=0.05, help="landing tolerance on the target ratio")
+    ap.add_argument("--append", action="store_true", help="add these runs to those already in the JSON")
     args = ap.parse_args()
     runs = []
+    previous = os.path.join(results_dir(), f"{args.name}.json")
+    if args.append and os.path.isfile(previous):
+        with open(previous) as f:
+            old = json.load(f)
+        if old.get("recipe") != args.recipe or old.get("overrides") != args.sets:
+            raise SystemExit(f"{previous} holds runs of another recipe or other overrides")
+        runs = list(old["runs"])
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.runs):
             report, wall = run_once(args.recipe, args.sets, os.path.join(tmp, f"run{i}"))
