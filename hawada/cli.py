@@ -220,10 +220,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if report is not None:
         print(format_report(report))
         print(f"report: {os.path.join(os.path.dirname(os.path.abspath(path)), 'report.json')}")
-        print(
-            f"latency now ({runtime}): {res.median_ms:.2f} ms at {res.shapes} {res.dtype} on {res.device} "
-            "(example inputs)"
-        )
+        label = "latency now" if runtime == "eager" else f"latency now ({runtime})"
+        print(f"{label}: {res.median_ms:.2f} ms at {res.shapes} {res.dtype} on {res.device} (example inputs)")
     else:
         layout = adapter_for(model).layout(model)
         print(format_slim_summary(layout, param_count(model), res.to_dict(), path))

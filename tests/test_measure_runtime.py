@@ -31,7 +31,7 @@ from hawada.jobs import Job  # noqa: E402
 from hawada.jobs.vision import build_vision_job  # noqa: E402
 from hawada.run import optimize  # noqa: E402
 from hawada.run.context import make_meter  # noqa: E402
-from hawada.runtimes import RUNTIMES, RuntimeMissingError, load_artifact, runtime_names  # noqa: E402
+from hawada.runtimes import RUNTIMES, RuntimeMissingError, load_artifact  # noqa: E402
 from hawada.runtimes.meter import POOL, DeployedModel, RuntimeMeter  # noqa: E402
 from hawada.runtimes.torch_runtimes import quantize_int8  # noqa: E402
 from hawada.slim_io import load_slim  # noqa: E402
@@ -60,11 +60,6 @@ def run_meter(runtime: str, inputs) -> object:
     )
     job = Job(adapter_for(tiny_bert()), None, None, None, inputs, None, "", None, {})
     return make_meter(recipe, job)
-
-
-def test_the_runtime_names_are_the_registry() -> None:
-    assert set(RUNTIMES) == set(runtime_names())
-    assert MeasureConfig().runtime == "eager"
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
@@ -112,6 +107,7 @@ def test_ort_meter_keeps_at_most_pool_workers() -> None:
 
 
 def test_unknown_runtime_is_one_line_listing_the_choices(tmp_path, capsys) -> None:
+    assert MeasureConfig().runtime == "eager"
     with pytest.raises(InputError, match="measure.runtime: 'tensorrt' is not one of eager, int8_dynamic"):
         MeasureConfig(runtime="tensorrt")
     recipe = tmp_path / "r.yaml"
@@ -267,9 +263,9 @@ def test_qat_lowers_the_int8_error(seed) -> None:
     g = torch.Generator().manual_seed(seed)
     batches = [
         {"input_ids": torch.randint(1, 61, (8, 12), generator=g), "attention_mask": torch.ones(8, 12, dtype=torch.long)}
-        for _ in range(8)
+        for _ in range(12)
     ]
-    held = batches[:4]
+    batches, held = batches[:8], batches[8:]  # trained on, scored on
     plain = int8_error(finetuned(start, teacher, batches, "off", seed), teacher, held)
     qat = int8_error(finetuned(start, teacher, batches, "on", seed), teacher, held)
     assert qat < QAT_MARGIN * plain, (qat, plain)

@@ -55,8 +55,14 @@ CPU_RUNTIMES = ("int8_dynamic", "onnxruntime", "onnxruntime_int8")  # run on the
 def fingerprint(model: nn.Module) -> tuple:
     """What identifies a model's weights now: each tensor's storage and in-place version (an
     optimizer step or ``load_state_dict`` bumps the version, so a changed model is rebuilt)."""
-    ts = [*model.parameters(), *model.buffers()]
-    return tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in ts)
+    return tuple((t.data_ptr(), _version(t), tuple(t.shape)) for t in [*model.parameters(), *model.buffers()])
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor keeps no version (and is changed in inference mode only)
+        return -1
 
 
 def check_runtime(runtime: str, device: str) -> None:
