@@ -139,9 +139,12 @@ class RuntimeMeter:
         was = model.training
         try:
             save_artifact(model, self.inputs, folder, self.runtime)
+            worker = self._pool.acquire(folder, self.runtime, self.inputs, self.threads)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         finally:
             model.train(was)
-        worker = self._pool.acquire(folder, self.runtime, self.inputs, self.threads)
         return folder, worker
 
     # -- timing --------------------------------------------------------------------------------
