@@ -210,10 +210,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         import torch
 
         from hawada.runtimes import Artifact, time_artifacts
+        from hawada.runtimes.base import conform, read_manifest
 
         if args.device != "cpu":
             raise InputError(f"--device {args.device}: the {runtime} artifact is timed on the CPU")
-        res = time_artifacts({"slim": Artifact(path, runtime)}, inputs, threads=torch.get_num_threads())["slim"]
+        names = read_manifest(path)[runtime]["inputs"]
+        res = time_artifacts(
+            {"slim": Artifact(path, runtime)}, conform(inputs, names), threads=torch.get_num_threads()
+        )["slim"]
     if args.json:
         print(json.dumps(res.to_dict(), indent=1))
         return 0

@@ -33,6 +33,7 @@ from hawada.jobs.vision import build_vision_job  # noqa: E402
 from hawada.run import optimize  # noqa: E402
 from hawada.run.context import make_meter  # noqa: E402
 from hawada.runtimes import RUNTIMES, RuntimeMissingError, load_artifact  # noqa: E402
+from hawada.runtimes.base import conform  # noqa: E402
 from hawada.runtimes.meter import DeployedModel, RuntimeMeter  # noqa: E402
 from hawada.runtimes.torch_runtimes import quantize_int8  # noqa: E402
 from hawada.slim_io import load_slim  # noqa: E402
@@ -182,8 +183,9 @@ def test_optimize_in_an_int8_runtime(tmp_path, runtime, capsys) -> None:
     manifest = json.loads((out / "slim" / "runtimes.json").read_text())
     assert list(manifest) == [runtime]
     slim = load_slim(slim_dir)
-    x = adapter_for(slim).example_inputs(slim, 3)
+    x = adapter_for(slim).example_inputs(slim, 3)  # {"pixel_values": [3, 3, 16, 16]}
     deployed = load_artifact(slim_dir, runtime)
+    x = conform(x, deployed.names)  # the artifact's one tensor input
     assert min_row_cosine(deployed(x), eager_output(slim, x)) > INT8_MIN_COSINE
     # agreement was measured on the deployed model: the same numbers again from it, not from fp32
     job = build_vision_job(recipe, torch.device("cpu"))

@@ -44,7 +44,7 @@ from hawada.core.profiler import (
     summarize_samples,
 )
 from hawada.errors import InputError
-from hawada.runtimes.base import Deployed, Inputs, build, get_runtime, named_inputs, save_artifact
+from hawada.runtimes.base import Deployed, Inputs, build, conform, get_runtime, named_inputs, save_artifact
 from hawada.runtimes.timing import SETTLE_S, Artifact, _Worker, save_inputs
 
 POOL = 4  # deployed forms (and ORT worker processes) kept alive at once
@@ -250,9 +250,8 @@ class DeployedModel(nn.Module):
         self.runtime = runtime
 
     def task_output(self, inputs: Inputs) -> torch.Tensor:
-        if isinstance(inputs, dict):  # the order the deployed graph takes its inputs in
-            inputs = {n: inputs[n] for n in self.deployed.names}
-        names, tensors = named_inputs(inputs)
+        inputs = conform(inputs, self.deployed.names)  # the names and order the deployed form takes
+        _, tensors = named_inputs(inputs)
         return self.deployed(inputs).to(tensors[0].device)
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
