@@ -37,10 +37,16 @@ from hawada.runtimes.base import conform  # noqa: E402
 from hawada.runtimes.meter import DeployedModel, RuntimeMeter  # noqa: E402
 from hawada.runtimes.torch_runtimes import quantize_int8  # noqa: E402
 from hawada.slim_io import load_slim  # noqa: E402
-from tests.test_minimal_recipes import TINY_VIT_SIZES, tiny_vit_required, with_sizes  # noqa: E402
+from tests.test_minimal_recipes import SIZES, TINY_VIT_SIZES, tiny_vit_required, with_sizes  # noqa: E402
 from tests.test_runtimes import INT8_MIN_COSINE, eager_output, min_row_cosine, tiny_bert  # noqa: E402
 
-FAST = {"warmup": 1, "min_repeats": 2, "max_repeats": 3, "budget_s": 0.05}
+FAST = SIZES["measure"]  # a few short timings
+
+
+def in_runtime(runtime: str) -> dict:
+    """The recipe sections of a short run measured in ``runtime`` (``with_sizes`` replaces a
+    section it is given, so the short timings of :data:`SIZES` are kept here)."""
+    return {"measure": {**SIZES["measure"], "runtime": runtime}, "proxy": {**SIZES["proxy"], "mode": "analytic"}}
 
 
 def bert_inputs(batch: int = 2) -> dict:
@@ -56,8 +62,7 @@ def run_meter(runtime: str, inputs) -> object:
         with_sizes(
             {"model": {"family": "hf_encoder"}, "data": {"kind": "stdlib_docstrings"}},
             "unused",
-            measure={**FAST, "runtime": runtime},
-            proxy={"mode": "analytic"},
+            **in_runtime(runtime),
         )
     )
     job = Job(adapter_for(tiny_bert()), None, None, None, inputs, None, "", None, {})
@@ -133,8 +138,7 @@ def test_missing_runtime_package_fails_before_any_work(tmp_path, monkeypatch) ->
             tiny_vit_required(tmp_path),
             out,
             **TINY_VIT_SIZES,
-            measure={"runtime": "onnxruntime_int8"},
-            proxy={"mode": "analytic"},
+            **in_runtime("onnxruntime_int8"),
         )
     )
     with pytest.raises(RuntimeMissingError, match=r"pip install 'hawada\[onnx\]'") as e:
@@ -145,11 +149,11 @@ def test_missing_runtime_package_fails_before_any_work(tmp_path, monkeypatch) ->
 
 def test_settings_that_time_eager_only_are_refused(tmp_path) -> None:
     base = tiny_vit_required(tmp_path)
-    lut = recipe_from_dict(with_sizes(base, tmp_path / "a", measure={"runtime": "int8_dynamic"}))
+    lut = recipe_from_dict(with_sizes(base, tmp_path / "a", measure={**SIZES["measure"], "runtime": "int8_dynamic"}))
     with pytest.raises(InputError, match="proxy.mode: lut"):
         optimize(lut, log=lambda s: None)
     gpu = recipe_from_dict(
-        with_sizes(base, tmp_path / "b", device="cuda", measure={"runtime": "int8_dynamic"}, proxy={"mode": "analytic"})
+        with_sizes(base, tmp_path / "b", device="cuda", **in_runtime("int8_dynamic"))
     )
     with pytest.raises(InputError, match="CPU only"):
         optimize(gpu, log=lambda s: None)
@@ -164,8 +168,7 @@ def test_optimize_in_an_int8_runtime(tmp_path, runtime, capsys) -> None:
             tiny_vit_required(tmp_path),
             out,
             **TINY_VIT_SIZES,
-            measure={"runtime": runtime},
-            proxy={"mode": "analytic"},
+            **in_runtime(runtime),
         )
     )
     rep = optimize(recipe, log=lambda s: None)
