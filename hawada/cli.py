@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=None)
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--json", action="store_true", help="print only the latency measured now, as JSON")
+    ev.add_argument(
+        "--runtime",
+        default=None,
+        help="time the folder's artifact of this runtime (default: the one its runtimes.json lists; "
+        "eager PyTorch when it lists none)",
+    )
     return p
 
 
@@ -190,6 +196,23 @@ def slim_folder(path: str) -> tuple[str, dict | None]:
     return path, report
 
 
+def eval_runtime(folder: str, asked: str | None) -> str:
+    """The runtime ``hawada eval`` times ``folder`` in: ``asked`` (which must have its artifact
+    there), else the one artifact its ``runtimes.json`` lists, else eager PyTorch."""
+    from hawada.runtimes import get_runtime
+    from hawada.runtimes.base import read_manifest
+
+    manifest = read_manifest(folder)
+    if asked is not None:
+        get_runtime(asked)  # an unknown name is one line
+        if asked != "eager" and asked not in manifest:
+            raise InputError(f"{folder} holds no {asked} artifact (it holds: {', '.join(manifest) or 'none'})")
+        return asked
+    if len(manifest) > 1:
+        raise InputError(f"{folder} holds artifacts of {', '.join(manifest)}: choose one with --runtime")
+    return next(iter(manifest), "eager")
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from hawada.adapters.base import adapter_for
     from hawada.core.export import param_count
@@ -200,17 +223,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise InputError("--batch-size must be >= 1")
     path, report = slim_folder(args.model_dir)
+    runtime = eval_runtime(path, args.runtime)
     model = _load_slim(path).to(args.device)
-    res = measure_latency_ms(model, example_inputs_for(model, args.batch_size), device=args.device)
+    inputs = example_inputs_for(model, args.batch_size)
+    if runtime == "eager":
+        res = measure_latency_ms(model, inputs, device=args.device)
+    else:  # the deployed artifact, loaded through its runtime in a worker process
+        import torch
+
+        from hawada.runtimes import Artifact, time_artifacts
+        from hawada.runtimes.base import conform, read_manifest
+
+        if args.device != "cpu":
+            raise InputError(f"--device {args.device}: the {runtime} artifact is timed on the CPU")
+        names = read_manifest(path)[runtime]["inputs"]
+        res = time_artifacts(
+            {"slim": Artifact(path, runtime)}, conform(inputs, names), threads=torch.get_num_threads()
+        )["slim"]
     if args.json:
         print(json.dumps(res.to_dict(), indent=1))
         return 0
     if report is not None:
         print(format_report(report))
         print(f"report: {os.path.join(os.path.dirname(os.path.abspath(path)), 'report.json')}")
-        print(
-            f"latency now: {res.median_ms:.2f} ms at {res.shapes} {res.dtype} on {res.device} (example inputs)"
-        )
+        label = "latency now" if runtime == "eager" else f"latency now ({runtime})"
+        print(f"{label}: {res.median_ms:.2f} ms at {res.shapes} {res.dtype} on {res.device} (example inputs)")
     else:
         layout = adapter_for(model).layout(model)
         print(format_slim_summary(layout, param_count(model), res.to_dict(), path))

@@ -34,6 +34,8 @@ FORBIDDEN = {
     "hawada.adapters": ("hawada.jobs", "hawada.run", "hawada.cli"),
     "hawada.jobs": ("hawada.run", "hawada.cli"),
     "hawada.data": ("hawada.jobs", "hawada.run", "hawada.cli", "hawada.adapters"),
+    # beside run: the run's meter lives here, so a runtime never reaches back into a run
+    "hawada.runtimes": ("hawada.run", "hawada.jobs", "hawada.config", "hawada.cli"),
 }
 
 

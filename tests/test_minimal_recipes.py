@@ -69,19 +69,25 @@ def test_hf_encoder_text_minimal_recipe(tmp_path) -> None:
     assert set(rep["agreement"]) >= {"mean_cosine"}
 
 
-def test_hf_encoder_vision_minimal_recipe(tmp_path) -> None:
-    torch.set_num_threads(1)
+def tiny_vit_required(tmp_path) -> dict:
+    """The required keys of a run on a tiny ViT classifier (3 labels) and a 12+12-image folder
+    written under ``tmp_path``."""
     save_tiny_vit(tmp_path / "vit", num_labels=3)
     images = {"train": {"cat": 4, "dog": 4, "owl": 4}, "val": {"cat": 4, "dog": 4, "owl": 4}}
     data = write_image_folder(tmp_path / "images", images)
-    required = {
+    return {
         "model": {"family": "hf_encoder", "path": str(tmp_path / "vit")},
         "data": {"kind": "imagefolder", "path": str(data)},
     }
-    # image_size is the model's input size (ViT configs fix it; the data default is 32 pixels)
-    rep = run_minimal(
-        required, tmp_path / "run", data={"image_size": 16, "batch_size": 4}, target=TINY_MODEL_TARGET
-    )
+
+
+# image_size is the model's input size (ViT configs fix it; the data default is 32 pixels)
+TINY_VIT_SIZES = {"data": {"image_size": 16, "batch_size": 4}, "target": TINY_MODEL_TARGET}
+
+
+def test_hf_encoder_vision_minimal_recipe(tmp_path) -> None:
+    torch.set_num_threads(1)
+    rep = run_minimal(tiny_vit_required(tmp_path), tmp_path / "run", **TINY_VIT_SIZES)
     assert rep["family"] == "hf_encoder"
 
 

@@ -6,7 +6,7 @@ import copy
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -15,7 +15,10 @@ from hawada.core.distill import KDConfig, kd_outputs_of, student_teacher_loss
 from hawada.core.distributed import SINGLE, DistEnv, data_parallel, on_main
 from hawada.core.loop import MasterWeights, Progress, StepGuard, cycle, to_device
 from hawada.core.protocol import AdapterLike
+from hawada.core.qat import qat_scheme, quantization_aware
 from hawada.core.schema import check_fields, knob
+
+QatMode = Literal["auto", "on", "off"]
 
 
 @dataclass
@@ -31,6 +34,12 @@ class FinetuneConfig:
     grad_clip: float = knob(1.0, lo=0.0)
     max_bad_steps: int = knob(5, lo=1, from_run="train.max_bad_steps")
     progress: bool = knob(True, from_run="progress")
+    qat: QatMode = knob(
+        "auto",
+        help="quantization-aware fine-tuning (fake int8 weights per channel and activations per tensor in "
+        "the Linear layers): auto = on when measure.runtime is int8_dynamic or onnxruntime_int8",
+    )
+    runtime: str = knob("eager", from_run="measure.runtime")
 
     def __post_init__(self) -> None:
         check_fields(self, "finetune")
@@ -95,8 +104,29 @@ def finetune_student(
     evaluation runs on rank 0 with its score broadcast (every rank keeps the same weights).
     bf16/fp16 weights are trained through fp32 masters (:class:`~hawada.core.loop.MasterWeights`):
     AdamW steps the masters and the model holds them rounded after each applied step.
+
+    Quantization-aware (``cfg.qat``, see :mod:`hawada.core.qat`): the Linear layers compute with
+    fake int8 operands throughout, evaluations included, so the state kept is the one whose int8
+    deployment scores best; the returned model is plain fp32 again.
     """
     cfg, kd = cfg or FinetuneConfig(), kd or KDConfig()
+    scheme = qat_scheme(cfg.qat, cfg.runtime)
+    if scheme is None:
+        return _finetune(student, teacher, adapter, loader, cfg, kd, evaluate, env)
+    with quantization_aware(student, scheme):
+        return _finetune(student, teacher, adapter, loader, cfg, kd, evaluate, env)
+
+
+def _finetune(
+    student: nn.Module,
+    teacher: nn.Module,
+    adapter: AdapterLike,
+    loader: Iterable,
+    cfg: FinetuneConfig,
+    kd: KDConfig,
+    evaluate: Callable[[nn.Module], float] | None,
+    env: DistEnv,
+) -> tuple[nn.Module, list[dict]]:
     device = next(student.parameters()).device
     teacher.eval()
     hist: list[dict] = []

@@ -27,6 +27,9 @@ from hawada.errors import InputError
 Inputs = torch.Tensor | Sequence[Any] | Mapping[str, Any]
 Timer = Literal["python", "auto", "cpp"]
 TIMERS = typing.get_args(Timer)
+# The deployment runtimes a run can be timed in (hawada.runtimes registers one of each).
+RuntimeName = Literal["eager", "int8_dynamic", "onnxruntime", "onnxruntime_int8", "compile"]
+INT8_RUNTIMES = ("int8_dynamic", "onnxruntime_int8")
 
 
 @dataclass
@@ -46,6 +49,12 @@ class MeasureConfig:
     )
     cuda_graph: bool = knob(False, help="CUDA: time CUDA-graph replays")
     flush_l2: bool = knob(False, help="CUDA: overwrite the L2 cache before each timed call")
+    runtime: RuntimeName = knob(
+        "eager",
+        help="the runtime every latency of the run is measured in (the one you deploy): eager PyTorch, "
+        "int8_dynamic (torch dynamic int8 Linears, CPU), onnxruntime / onnxruntime_int8 (CPU, extra "
+        "hawada[onnx], timed in worker processes) or compile (torch.compile, inductor)",
+    )
 
     def __post_init__(self) -> None:
         check_fields(self, "measure")
@@ -73,6 +82,7 @@ class LatencyResult:
     timer: str
     threads: int
     samples_ms: list[float] = field(repr=False, default_factory=list)
+    runtime: str = "eager"  # what was timed: the plain model (eager) or its deployed form
 
     def __float__(self) -> float:
         return self.median_ms
@@ -320,6 +330,18 @@ def _captured(call: Callable[[], Any]) -> Iterator[Any]:
         graph.reset()
 
 
+def adaptive_samples(
+    run: Callable[[int, int], list[float]],
+    warmup: int,
+    min_repeats: int,
+    max_repeats: int,
+    budget_s: float,
+    rel_ci: float,
+) -> list[float]:
+    """Public name of the stopping rule every timing loop shares (see :func:`_adaptive`)."""
+    return _adaptive(run, warmup, min_repeats, max_repeats, budget_s, rel_ci)
+
+
 def _adaptive(
     run: Callable[[int, int], list[float]],
     warmup: int,
@@ -487,6 +509,7 @@ def measure_pooled(models: list[nn.Module], meter: Meter, rounds: int = 3) -> li
             timer=r.timer,
             threads=r.threads,
             samples_ms=xs,
+            runtime=r.runtime,
         )
 
     return [pooled(rs) for rs in runs]

@@ -37,6 +37,14 @@ class Job:
 
 JobBuilder = Callable[[Recipe, torch.device], Job]
 
+
+def task_output(adapter: Adapter, model: nn.Module, batch: Any) -> torch.Tensor:
+    """What a job scores: ``model.task_output(batch)`` for a model deployed in a runtime (it
+    computes the family's output itself, e.g. an ONNX graph), else ``adapter.output(model, batch)``
+    (``[B, D]`` pooled embeddings or ``[B, C]`` logits)."""
+    own = getattr(model, "task_output", None)
+    return own(batch) if callable(own) else adapter.output(model, batch)
+
 # Imported on the first lookup. They import optional libraries (torchvision, transformers,
 # scikit-learn) only inside the functions that use them, so loading them all never needs one.
 BUILTIN_JOBS = ("hawada.jobs.vision", "hawada.jobs.text", "hawada.jobs.lm")

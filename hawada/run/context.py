@@ -20,6 +20,7 @@ from hawada.core.profiler import Meter, latency_meter
 from hawada.errors import InputError
 from hawada.jobs import Job, build_job
 from hawada.run.folder import RunPaths
+from hawada.runtimes.meter import check_runtime, runtime_meter
 
 Log = Callable[[str], None]
 
@@ -39,9 +40,36 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+def check_measure_runtime(recipe: Recipe) -> None:
+    """Refuse, in one line and before any work, a ``measure.runtime`` the run cannot time in: not
+    installed (naming the extra), not runnable on the device, or combined with settings that time
+    eager PyTorch only (docs/DESIGN.md, "Runtimes")."""
+    name = recipe.measure.runtime
+    if name == "eager":
+        return
+    check_runtime(name, recipe.device)
+    if recipe.proxy.mode == "lut":
+        raise InputError(
+            f"proxy.mode: lut times its table's ops in eager PyTorch; with measure.runtime {name!r} use "
+            "proxy.mode: analytic (calibrated on latencies measured in the runtime)"
+        )
+    if recipe.measure.timer == "cpp":
+        raise InputError(f"measure.timer: cpp times eager PyTorch only; measure.runtime is {name!r}")
+    if recipe.model.family == "hf_decoder":
+        raise InputError(
+            f"measure.runtime {name!r}: a decoder's timed call (prefill or decode with a KV cache) is timed "
+            "in eager PyTorch only"
+        )
+
+
 def make_meter(recipe: Recipe, job: Job) -> Meter:
-    """The one way this run times a plain model (recipe's measure settings, job's inputs)."""
-    return latency_meter(job.latency_inputs, recipe.device, job.timed, config=recipe.measure)
+    """The one way this run times a plain model (recipe's measure settings, job's inputs): eager
+    PyTorch, or the model's deployed form in ``measure.runtime``."""
+    if recipe.measure.runtime == "eager":
+        return latency_meter(job.latency_inputs, recipe.device, job.timed, config=recipe.measure)
+    return runtime_meter(
+        recipe.measure.runtime, job.latency_inputs, recipe.device, recipe.measure, recipe.threads or None
+    )
 
 
 @dataclass
@@ -86,6 +114,7 @@ def build_context(
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     get_adapter(recipe.model.family)  # an unknown family fails before any work
+    check_measure_runtime(recipe)
     seed_everything(recipe.seed)
     job = build_job(recipe, device)
     teacher = job.teacher.to(device).eval()

@@ -10,7 +10,7 @@ import torch
 from hawada.config import Recipe
 from hawada.core.checkpoint import has_checkpoint
 from hawada.core.distributed import DistEnv, barrier, init_from_env, on_main, shutdown
-from hawada.run.context import Log, build_context, quiet
+from hawada.run.context import Log, build_context, check_measure_runtime, quiet
 from hawada.run.finetune_phase import finetune_slim
 from hawada.run.folder import RunPaths, prepare_folder
 from hawada.run.gates_phase import train_gates
@@ -32,6 +32,7 @@ def optimize(recipe: Recipe, log: Log = print, resume: bool = False) -> dict:
     data-parallel (see :mod:`hawada.core.distributed`); rank 0 alone measures latency and
     writes files, and every rank returns the same report.
     """
+    check_measure_runtime(recipe)  # a runtime that cannot be used fails before any work
     env = init_from_env(recipe.device, recipe.distributed.timeout_s)
     paths = RunPaths.of(recipe.output.dir)
     was_det = torch.are_deterministic_algorithms_enabled()
@@ -76,6 +77,9 @@ def run_phases(recipe: Recipe, paths: RunPaths, log: Log, resume: bool, env: Dis
         return report
 
     report = on_main(env, finish)
+    close = getattr(ctx.meter, "close", None)
+    if close is not None:  # a runtime meter's worker processes and artifacts
+        close()
     if not env.is_main:
         gates.metrics.close()
     return report

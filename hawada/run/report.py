@@ -12,11 +12,14 @@ from torch import nn
 
 from hawada.core.export import param_count
 from hawada.core.profiler import environment_info, measure_pooled, ratio_ci
+from hawada.core.qat import qat_scheme
 from hawada.run.context import RunContext
 from hawada.run.folder import clear_outputs, publish
 from hawada.run.gates_phase import GatePhase
 from hawada.run.search_phase import QUALITY_KEY, QUALITY_LABEL, SearchPhase
 from hawada.run.setup import POOLED_ROUNDS, Setup, progress_bar
+from hawada.runtimes import get_runtime, save_artifact
+from hawada.runtimes.meter import DeployedModel
 
 
 def build_report(
@@ -33,7 +36,8 @@ def build_report(
     recipe, teacher, adapter, trainer = ctx.recipe, ctx.teacher, ctx.adapter, gates.trainer
     with progress_bar(ctx, "report: keep-all vs slim", 2 * POOLED_ROUNDS) as bar:
         t_base, t_slim = measure_pooled([teacher, slim], bar.counting(ctx.meter), rounds=POOLED_ROUNDS)
-    metrics = ctx.job.evaluate(teacher, slim, "test")
+    runtime = recipe.measure.runtime
+    metrics = ctx.job.evaluate(teacher, deployed_form(slim, runtime, ctx.job.latency_inputs), "test")
     proxy = trainer.proxy
     return {
         "name": recipe.name,
@@ -50,6 +54,8 @@ def build_report(
             "search_base_ms": chosen.base_ms,
             "min_allowed_ms": setup.min_ms,
             "tokens_per_s": tokens_per_s(ctx.job.info, t_base.median_ms, t_slim.median_ms),
+            # every latency of the run was measured in this runtime (measure.runtime)
+            "runtime": {"name": runtime, "versions": get_runtime(runtime).versions()},
         },
         "params": {
             "base": param_count(teacher),
@@ -57,6 +63,9 @@ def build_report(
             "ratio": param_count(slim) / param_count(teacher),
         },
         "agreement": metrics,
+        # the model the agreement was measured on: the slim model in the deployed runtime (its
+        # int8 / ONNX outputs), "eager" for the fp32 PyTorch model itself
+        "agreement_measured_in": runtime,
         "layout": {"base": adapter.layout(teacher), "slim": adapter.layout(slim)},
         "search": {
             "chosen": chosen.search.best,
@@ -82,6 +91,8 @@ def build_report(
             "landing": gates.landing,
             "skipped_steps": trainer.bad_total,  # non-finite loss or gradient: no update
             "finetune_skipped_steps": sum(1 for r in finetune_history if r.get("skipped")),
+            # fine-tuned with fake int8 Linears (finetune.qat; auto: an int8 measure.runtime)
+            "finetune_qat": qat_scheme(recipe.finetune.qat, runtime) is not None,
         },
         "distributed": {**ctx.env.to_dict(), "replica_checks": trainer.replica_checks},
         "job": ctx.job.info,
@@ -89,6 +100,15 @@ def build_report(
         "recipe": recipe.to_dict(),
         "wall_seconds": time.perf_counter() - t_start,
     }
+
+
+def deployed_form(slim: nn.Module, runtime: str, example_inputs: Any) -> nn.Module:
+    """What the report scores: ``slim`` itself for eager, else its deployed form in ``runtime``
+    (:class:`~hawada.runtimes.meter.DeployedModel`; ONNX Runtime runs in this process here, after
+    every timing of the run)."""
+    if runtime == "eager":
+        return slim
+    return DeployedModel(slim, runtime, example_inputs)
 
 
 def tokens_per_s(info: dict, base_ms: float, slim_ms: float) -> dict | None:
@@ -110,7 +130,10 @@ def write_outputs(
         gates.metrics.write("finetune", rec)
     gates.metrics.close()
     clear_outputs(paths, ("slim", "report.png", "report.json"))
-    ctx.job.save(slim, os.path.join(paths.partial, "slim"))
+    slim_dir = os.path.join(paths.partial, "slim")
+    ctx.job.save(slim, slim_dir)
+    if ctx.recipe.measure.runtime != "eager":  # the deployable artifact, beside the weights it comes from
+        save_artifact(slim, ctx.job.latency_inputs, slim_dir, ctx.recipe.measure.runtime)
     if ctx.recipe.output.plot:
         plot_run(report, gates.history, os.path.join(paths.partial, "report.png"))
     with open(os.path.join(paths.partial, "report.json"), "w") as f:
@@ -220,8 +243,12 @@ def format_report(report: dict) -> str:
     ]
     if tps := lat.get("tokens_per_s"):
         rows.append(("tokens/s", f"{tps['base']:.1f} -> {tps['slim']:.1f}"))
+    runtime = (lat.get("runtime") or {}).get("name", "eager")
+    rows.insert(1, ("runtime", runtime))
     for k, v in report["agreement"].items():
         rows.append((k, f"{v:.4f}" if isinstance(v, float) else str(v)))
+    if "agreement_measured_in" in report:
+        rows.append(("agreement measured in", report["agreement_measured_in"]))
     ch = report["search"]["chosen"]
     rows.append(
         (
@@ -247,6 +274,7 @@ def format_slim_summary(layout: dict, params: int, latency: dict, folder: str) -
         ("parameters", f"{params:,}"),
         *layout_rows(layout),
         ("device", f"{latency['device']} ({latency['threads']} threads, timer {latency['timer']})"),
+        ("runtime", latency.get("runtime", "eager")),
         ("input", f"{latency['shapes']} {latency['dtype']}"),
         ("latency (now)", _fmt_lat(latency)),
         ("missing", "no report.json beside it: keep-all latency, speedup and agreement are unknown"),

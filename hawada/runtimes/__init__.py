@@ -7,6 +7,9 @@ with inductor). ``save_artifact`` writes a runtime's own artifact into a folder,
 loads it through that runtime's API, and ``time_artifacts`` times artifacts in child processes.
 """
 
+import typing
+
+from hawada.core.profiler import RuntimeName
 from hawada.runtimes import onnx_runtimes, torch_runtimes  # noqa: F401  (register the runtimes)
 from hawada.runtimes.base import (
     Deployed,
@@ -21,7 +24,8 @@ from hawada.runtimes.base import (
 )
 from hawada.runtimes.timing import Artifact, time_artifacts
 
-RUNTIMES = ("eager", "int8_dynamic", "onnxruntime", "onnxruntime_int8", "compile")
+# declared once, as the recipe's ``measure.runtime`` values
+RUNTIMES: tuple[str, ...] = typing.get_args(RuntimeName)
 
 __all__ = [
     "RUNTIMES",

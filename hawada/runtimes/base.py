@@ -50,6 +50,21 @@ def named_inputs(inputs: Inputs) -> tuple[list[str], list[torch.Tensor]]:
     raise InputError(f"inputs must be a tensor or a dict of tensors, got {type(inputs).__name__}")
 
 
+def conform(inputs: Inputs, names: list[str]) -> Inputs:
+    """``inputs`` in the form an artifact with input ``names`` takes: a dict's entries in that
+    order, or a single tensor for the one-tensor input (a dict with one tensor, e.g. a ViT's
+    ``{"pixel_values": x}``, gives ``x``). InputError when they do not fit."""
+    if names == [TENSOR_INPUT]:
+        if isinstance(inputs, dict) and len(inputs) == 1:
+            return next(iter(inputs.values()))
+        if isinstance(inputs, torch.Tensor):
+            return inputs
+    elif isinstance(inputs, dict) and set(names) <= set(inputs):
+        return {n: inputs[n] for n in names}
+    got = list(inputs) if isinstance(inputs, dict) else [TENSOR_INPUT]
+    raise InputError(f"the artifact takes inputs {names}, got {got}")
+
+
 def as_inputs(names: list[str], tensors: list[torch.Tensor]) -> Inputs:
     """The inverse of :func:`named_inputs`."""
     if names == [TENSOR_INPUT]:

@@ -172,5 +172,6 @@ def time_artifacts(
             timer=f"child:{artifacts[k].runtime}",
             threads=threads,
             samples_ms=list(xs),
+            runtime=artifacts[k].runtime,
         )
     return out

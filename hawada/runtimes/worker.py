@@ -4,6 +4,8 @@ It loads one artifact through its runtime's API, then answers commands on stdin,
 stdout each (``hawada.runtimes.timing`` drives it):
 
 - on start: ``{"ready": true, "dtype": ...}`` (or ``{"input_error": ...}`` and exit 2)
+- ``load FOLDER``: drop the loaded artifact, load FOLDER's (same runtime, same inputs), then
+  answer as on start (a run's meter keeps workers alive across the models it times)
 - ``warm N``: N untimed calls, ``{"ok": true}``
 - ``run N``: N timed calls, ``{"samples_ms": [...]}``
 - ``quit``: exit 0
@@ -13,6 +15,7 @@ Anything the libraries print goes to stderr, so stdout carries only these lines.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -36,18 +39,33 @@ def main(argv: list[str]) -> int:
     from hawada.runtimes.timing import load_inputs
 
     torch.set_num_threads(threads)
+    names, tensors = load_inputs(inputs_path)
+
+    def load(path: str):
+        deployed = load_artifact(path, runtime, threads=threads)
+        return deployed.bind(as_inputs(names, tensors))
+
     try:
-        deployed = load_artifact(folder, runtime, threads=threads)
+        call = load(folder)
     except InputError as e:
         say({"input_error": str(e)})
         return 2
-    names, tensors = load_inputs(inputs_path)
-    call = deployed.bind(as_inputs(names, tensors))
-    say({"ready": True, "dtype": "int8" if "int8" in runtime else "float32"})
+    ready = {"ready": True, "dtype": "int8" if "int8" in runtime else "float32"}
+    say(ready)
     for line in sys.stdin:
         cmd, _, arg = line.strip().partition(" ")
         if cmd == "quit":
             break
+        if cmd == "load":
+            call = None  # one model (one ORT session and its thread pool) per process at a time
+            gc.collect()
+            try:
+                call = load(arg)
+            except InputError as e:
+                say({"input_error": str(e)})
+                return 2
+            say(ready)
+            continue
         n = int(arg)
         if cmd == "warm":
             for _ in range(n):
