@@ -517,22 +517,9 @@ def measure_pooled(models: list[nn.Module], meter: Meter, rounds: int = 3) -> li
 
 def scaled_result(r: LatencyResult, scale: float) -> LatencyResult:
     """``r`` with every time multiplied by ``scale`` (counts and provenance unchanged)."""
-    return LatencyResult(
-        median_ms=r.median_ms * scale,
-        p20_ms=r.p20_ms * scale,
-        p80_ms=r.p80_ms * scale,
-        mean_ms=r.mean_ms * scale,
-        std_ms=r.std_ms * scale,
-        min_ms=r.min_ms * scale,
-        ci95_ms=r.ci95_ms * scale,
-        n=r.n,
-        device=r.device,
-        dtype=r.dtype,
-        shapes=r.shapes,
-        warmup=r.warmup,
-        timer=r.timer,
-        threads=r.threads,
-        samples_ms=[x * scale for x in r.samples_ms],
+    times = ("median_ms", "p20_ms", "p80_ms", "mean_ms", "std_ms", "min_ms", "ci95_ms")
+    return dataclasses.replace(
+        r, **{k: getattr(r, k) * scale for k in times}, samples_ms=[x * scale for x in r.samples_ms]
     )
 
 
