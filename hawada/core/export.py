@@ -91,7 +91,7 @@ class ExportPolicy:
     """How gates become a slim model.
 
     The default applies no rounding and keeps exactly the units whose gates are open in eval
-    mode. ``rounding`` applies to every kind unless ``per_kind`` names one. ``check``: verify
+    mode. ``rounding`` applies to every kind but ``layer`` unless ``per_kind`` names one. ``check``: verify
     the slim model against the gated model on a probe batch (invariant 2) and refuse to
     return a model that breaks it, at relative error ``tolerance`` for a model computing in
     fp32 (or fp64); a bf16/fp16 model is held to :func:`export_tolerance` of its dtype (never
@@ -106,6 +106,10 @@ class ExportPolicy:
     counts: dict[str, int] = field(default_factory=dict)
 
     def rounding_for(self, kind: str) -> Rounding | None:
+        """The rounding of ``kind``'s segments. A whole-layer gate (``layer``, one unit) is rounded
+        only when ``per_kind`` names it: ``rounding`` (with a ``min_keep_ratio``) would reopen it."""
+        if kind == "layer":
+            return self.per_kind.get(kind)
         return self.per_kind.get(kind, self.rounding)
 
 

@@ -36,7 +36,9 @@ class SearchConfig:
     speeds up depends on the device and runtime (a GPU GEMM wants an FFN width in multiples of
     64, while 4 query slots per KV group are not a GEMM dimension at all), and a recipe targets
     one device. A multiple no smaller than a segment leaves that segment unrounded
-    (:meth:`Rounding.apply`), so listing every kind never reopens small segments whole.
+    (:meth:`Rounding.apply`), so listing every kind never reopens small segments whole. Layer
+    gates (kind ``layer``) are never rounded: the default leaves them out and listing them is
+    refused.
     """
 
     multiples: list[int] = knob(factory=lambda: [1, 4, 8, 16], lo=1)
@@ -206,7 +208,9 @@ def _grid_trials(
     unknown = sorted(set(kinds or ()) - set(present))
     if unknown:
         raise InputError(f"search.kinds: {unknown} are not gate kinds of this model (its kinds: {present})")
-    kinds = kinds or present
+    if "layer" in (kinds or ()):
+        raise InputError("search.kinds: 'layer' gates are never rounded (a layer is kept or removed whole)")
+    kinds = kinds or [k for k in present if k != "layer"]
     trials = []
     for multiple, mode in itertools.product(multiples, modes):
         r = Rounding(int(multiple), mode)
