@@ -28,7 +28,7 @@ from hawada.core.export import (
 )
 from hawada.core.gates import GateConfig, project_gates_into_constraints
 from hawada.core.proxy_cost import LatencyProxy
-from hawada.core.search_export import _grid_trials
+from hawada.core.search_export import _grid_trials, closed_gates_by_logit, open_gates_by_logit
 from hawada.errors import InputError
 from hawada.run import report
 from hawada.run.setup import minimal_keep_logits
@@ -322,6 +322,15 @@ def test_rounding_never_touches_a_layer_gate() -> None:
     assert counts["layer0.ffn"] >= enc.FFN // 2  # the rounding did apply to the other kinds
     with pytest.raises(InputError, match="'layer' gates are never rounded"):
         _grid_trials(g, None, [8], ["ceil"], ["layer"])
+    # the fill/trim probes neither reopen the closed layer nor close an open one, even with the
+    # lowest logit of the store
+    with torch.no_grad():
+        store.logits[store.segment("layer2.layer").start] = 0.01
+    base = keep_counts(store)
+    closed = closed_gates_by_logit(store, base)
+    opened = open_gates_by_logit(store, base)
+    assert closed and opened
+    assert not any(name.endswith(".layer") for name, _ in closed + opened)
 
 
 def test_report_names_removed_layers() -> None:
