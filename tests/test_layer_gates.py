@@ -154,15 +154,21 @@ def test_uniform_policy_keeps_layer_gates_and_stays_stock(tmp_path) -> None:
         assert torch.equal(enc.out(plain, x), enc.out(slim, x))
 
 
-def test_every_layer_closed_is_refused() -> None:
+def test_every_layer_closed_keeps_the_best_one_or_is_refused() -> None:
     _, g = enc_gated("BertModel")
-    close_layers(hawada.gates(g), [0, 1, 2], {})
+    store = hawada.gates(g)
+    close_layers(store, [0, 1, 2], {})
+    with torch.no_grad():
+        store.logits[store.segment("layer2.layer").start] = -0.5  # the highest closed logit
+    slim = hawada.export(g)  # checked against the gated model with that keep set
+    assert slim.config.hawada_depth == {"layers": 3, "kept": [2]}
+    counts = {f"layer{i}.layer": 0 for i in range(3)}
     with pytest.raises(ExportRequestError, match="every one of the 3 layers is closed"):
-        hawada.export(g)
+        hawada.export(g, ExportPolicy(counts=counts))
     d = dec.gated(dec.tiny_model("llama"))
     close_layers(hawada.gates(d), [0, 1], {})
     with pytest.raises(ExportRequestError, match="layers is closed"):
-        hawada.export(d)
+        hawada.export(d, ExportPolicy(counts={"layer0.layer": 0, "layer1.layer": 0}))
 
 
 def test_min_keep_and_the_smallest_model_keep_layers() -> None:

@@ -148,6 +148,14 @@ def keep_counts(store: GateStore, policy: ExportPolicy | None = None) -> dict[st
                     f"export count {k} for segment {seg.name!r} is outside [0, {seg.units}]"
                 )
             out[seg.name] = k
+    # A transformer needs one layer (docs/DESIGN.md, "Layer gates"): when the gates close every
+    # layer and no count says so, the layer with the highest logit stays (penalties that close
+    # every gate they may would otherwise leave a run nothing to export).
+    layers = [s for s in store.segments if s.kind == "layer"]
+    if layers and not any(out[s.name] for s in layers) and not any(s.name in policy.counts for s in layers):
+        lg = store.logits.detach()
+        best = max(layers, key=lambda s: float(lg[s.start : s.stop].max()))
+        out[best.name] = best.units
     return out
 
 
