@@ -109,7 +109,8 @@ def test_sharded_student_state_restores_exactly(tmp_path):
     p = torchrun("tests/dist_worker.py", "fsdp_resume", str(tmp_path))
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-6000:]
     for r in _rank_results(tmp_path):
-        assert r["sharded"] is True and r["whole_logits_in_state"] == [20]
+        # 2 layers x (query slots + KV groups + FFN groups) = 20 width gates, and 2 layer gates
+        assert r["sharded"] is True and r["whole_logits_in_state"] == [22]
         assert r["equal"] is True
         assert r["lambda"][0] == r["lambda"][1] > 0
         assert r["replica_checks"] == 3
@@ -127,7 +128,12 @@ def _recipe(model: str, out: str) -> dict:
         "deterministic": True,
         "model": {"family": "hf_decoder", "arch": "llama", "path": model},
         "data": {"kind": "stdlib_source", "seq_len": 16, "batch_size": 4, "max_chars": 20000},
-        "gates": {"group_size": {"ffn": 16}, "min_keep": {"head": 1, "kv_group": 1}, "init_logit": 0.5},
+        # the L0 term closes every gate it may: min_keep holds a head, a KV group and every layer
+        "gates": {
+            "group_size": {"ffn": 16},
+            "min_keep": {"head": 1, "kv_group": 1, "layer": 1},
+            "init_logit": 0.5,
+        },
         # unweighted L0: cost weights come from the measured (run-dependent) proxy
         "penalties": {"l0": 0.5, "cost_weighted": False},
         "train": {

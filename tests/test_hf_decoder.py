@@ -73,11 +73,15 @@ def gated(model, **gate_kw):
 
 
 def random_logits(m, seed: int, closed: dict[str, str] | None = None) -> None:
-    """Random gate logits with both signs; ``closed``: segment name -> "all" closes it."""
+    """Random gate logits with both signs; ``closed``: segment name -> "all" closes it. Every
+    layer gate stays open (tests/test_layer_gates.py closes whole layers)."""
     store = store_of(m)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         store.logits.copy_(torch.randn(len(store), generator=g) * 2)
+        for s in store.segments:
+            if s.kind == "layer":
+                store.logits[s.start : s.stop] = 1.0
         for name in closed or {}:
             s = store.segment(name)
             store.logits[s.start : s.stop] = -1.0

@@ -82,11 +82,21 @@ def gated(name: str, attn: str = "sdpa") -> nn.Module:
     return hawada.attach(model, GateConfig(group_size={"ffn": GROUP}))
 
 
+def open_layers(store, logit: float = 1.0) -> None:
+    """Every layer gate open at ``logit`` (tests/test_layer_gates.py closes whole layers)."""
+    with torch.no_grad():
+        for s in store.segments:
+            if s.kind == "layer":
+                store.logits[s.start : s.stop] = logit
+
+
 def randomize(store, seed: int = 1) -> None:
-    """Random logits; layer 0 loses every head, layer 1 its whole FFN, layer 2 is mixed."""
+    """Random logits; layer 0 loses every head, layer 1 its whole FFN, layer 2 is mixed; every
+    layer stays."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         store.logits.copy_(torch.randn(len(store), generator=g))
+        open_layers(store)
         for name in ("layer0.heads", "layer1.ffn"):
             s = store.segment(name)
             store.logits[s.start : s.stop] = -1.0
@@ -247,6 +257,7 @@ def test_other_verified_classes(build) -> None:
     store = hawada.gates(g)
     with torch.no_grad():
         store.logits.copy_(torch.randn(len(store), generator=torch.Generator().manual_seed(3)))
+        open_layers(store)
         s = store.segment("layer0.heads")
         store.logits[s.start : s.stop] = -1.0
     slim = hawada.export(g)  # checked against the gated model inside export
@@ -335,6 +346,8 @@ def test_vit_attach_export_and_train_step() -> None:
     teacher = ViTForImageClassification(vit_cfg()).eval()
     ad = g._hawada_adapter
     store = hawada.gates(g)
+    # a layer whose gate samples 0 in this step (P = 1 - sigmoid(logit)) gets no gradient
+    open_layers(store, store.config.logit_clip)
     x = torch.randn(4, 3, 12, 12)
     batch = (x, torch.zeros(4, dtype=torch.long))
     proxy = LatencyProxy(store, ad.cost_terms(g, ad.example_inputs(g, 4)), mode="analytic")

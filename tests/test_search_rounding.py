@@ -210,8 +210,9 @@ def test_export_uniform_times_and_describes_the_uniform_model():
     ad.attach(student, GateConfig(group_size={"ffn": 16}))
     st = store_of(student)
     # layers of different widths whose mean is not a whole count (query slots 1, 2, 2 of 3 per
-    # KV group; FFN groups 2, 8, 3 of 8), so that the uniform layout is another model
-    opened = {"heads": [1, 2, 2], "kv": [2, 2, 2], "ffn": [2, 8, 3]}
+    # KV group; FFN groups 2, 8, 3 of 8), so that the uniform layout is another model; every layer
+    # stays
+    opened = {"heads": [1, 2, 2], "kv": [2, 2, 2], "ffn": [2, 8, 3], "layer": [1, 1, 1]}
     with torch.no_grad():
         for s in st.segments:
             layer, part = s.name.split(".")

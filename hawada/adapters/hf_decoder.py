@@ -21,6 +21,11 @@ and attention masks untouched); masks are applied only at two places per layer:
 * ``layer{i}.ffn`` (kind ``ffn``): SwiGLU neurons in groups. ``up_proj``'s output is gated
   (:class:`~hawada.core.hooks.GatedLinear`), which zeroes ``act(gate) * up`` exactly, so
   ``gate_proj``/``up_proj`` rows and ``down_proj`` columns share this one keep set.
+* ``layer{i}.layer`` (kind ``layer``): the whole decoder layer, one unit
+  (:mod:`hawada.adapters.hf_layers`): its output becomes ``x + z (h - x)``, so a closed layer is
+  the identity on the residual stream. Export removes it from ``model.layers``; the layers that
+  stay get ``layer_idx`` 0..n-1 (their KV cache slots), ``num_hidden_layers`` and
+  ``config.layer_types`` follow.
 
 A layer whose heads are all closed is exported with :class:`EmptyAttention` (``o_proj``'s bias
 only, and a one-element placeholder in the KV cache so the cache length stays right); a layer
@@ -36,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hawada.adapters import hf_layers
 from hawada.adapters.base import Adapter, register_adapter
 from hawada.adapters.hf_decoder_files import (  # noqa: F401 - re-exported: the family's public names
     KNOWN_CLASSES,
@@ -113,7 +119,7 @@ def check_same_vocab(teacher: nn.Module, student: nn.Module) -> None:
 class HFDecoderAdapter(Adapter):
     family = "hf_decoder"
     kd_kind = "logits"
-    default_group_size = {"head": 1, "kv_group": 1, "ffn": 64}
+    default_group_size = {"head": 1, "kv_group": 1, "ffn": 64, "layer": 1}
     # what the latency proxy describes (set by the LM job from the recipe's target section)
     phase: str = "prefill"
     context: int | None = None
@@ -147,6 +153,7 @@ class HFDecoderAdapter(Adapter):
             _check_min_keep(config, "kv_group", nkv, "KV heads", i)
             gs_ffn = config.group_for("ffn", self.default_group_size["ffn"])
             _check_min_keep(config, "ffn", -(-inter // gs_ffn), "FFN groups", i)
+            _check_min_keep(config, "layer", 1, "layer gates", i)
             heads = kv = ffn = None
             if config.wants("head"):
                 heads = store.register(f"layer{i}.heads", "head", n_rep, 1, i).name
@@ -155,11 +162,15 @@ class HFDecoderAdapter(Adapter):
             if config.wants("ffn"):
                 ffn = store.register(f"layer{i}.ffn", "ffn", inter, gs_ffn, i).name
             plan.append((layer, heads, kv, ffn, n_rep, nkv))
+        if config.wants("layer"):  # after every width gate: the width segments keep their places
+            hf_layers.register_layer_gates(store, len(base.layers), config.group_for("layer", 1))
         if len(store) == 0:
             raise InputError(
-                "GateConfig.kinds selects no kind the hf_decoder adapter gates ('head', 'kv_group', 'ffn')"
+                "GateConfig.kinds selects no kind the hf_decoder adapter gates "
+                "('head', 'kv_group', 'ffn', 'layer')"
             )
         install_store(model, store, self)
+        hf_layers.hook_layer_gates(store, base.layers)
         for layer, heads, kv, ffn, n_rep, nkv in plan:
             if heads or kv:
                 add_hook(layer.self_attn.o_proj, HeadMask(store, heads, kv, n_rep, nkv, hd), pre=True)
@@ -241,6 +252,7 @@ class HFDecoderAdapter(Adapter):
                 F = f"layer{i}.ffn" if f"layer{i}.ffn" in names else inter
                 p = f"{ph}.layer{i}"
                 lt = {"tokens": tokens, **spec_extra}
+                start = len(terms)
 
                 def lin(name, dims, fin, fout, spec, _rep=rep, _tok=tokens):
                     terms.append(
@@ -286,6 +298,9 @@ class HFDecoderAdapter(Adapter):
                 lin(f"{p}.gate_proj", (hidden, F), hidden, inter, dict(lt))
                 lin(f"{p}.up_proj", (hidden, F), hidden, inter, dict(lt))
                 lin(f"{p}.down_proj", (F, hidden), inter, hidden, dict(lt))
+                if hf_layers.segment_name(i) in names:  # a removed layer costs none of its terms
+                    for t in terms[start:]:
+                        t.scale = hf_layers.segment_name(i)
             terms.append(
                 CostTerm(
                     f"{ph}.lm_head",
@@ -312,8 +327,13 @@ class HFDecoderAdapter(Adapter):
     def _export_pruned(self, gated: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
         slim = clone_without_gates(gated)
         hd = head_dim_of(slim)
+        base = decoder_base(slim)
+        kept = hf_layers.kept_layers(keep, len(base.layers))
         layout = []
-        for i, layer in enumerate(decoder_base(slim).layers):
+        for i, layer in enumerate(base.layers):
+            if i not in kept:  # removed below: nothing to slice
+                layout.append(None)
+                continue
             attn, mlp = layer.self_attn, layer.mlp
             nh, nkv = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
             n_rep = nh // nkv
@@ -347,7 +367,8 @@ class HFDecoderAdapter(Adapter):
                 if hasattr(mlp, "intermediate_size"):
                     mlp.intermediate_size = int(f_keep.numel())
             layout.append({"heads": q_heads, "kv_heads": kv_heads, "intermediate": mlp.up_proj.out_features})
-        record_layout(slim, layout)
+        hf_layers.remove_layers(slim, base, "layers", kept)
+        record_layout(slim, [layout[i] for i in kept])
         slim.train(gated.training)
         return slim
 
@@ -355,18 +376,23 @@ class HFDecoderAdapter(Adapter):
         """``policy`` with per-segment ``counts``: every layer keeps the same number of query
         slots, KV groups and FFN units (the mean over layers of what ``policy`` would keep).
 
-        At least one query slot and one KV group stay: a stock config cannot say "no heads"."""
+        At least one query slot and one KV group stay: a stock config cannot say "no heads".
+        Layer gates are left as they are (a uniform model with fewer layers is still a stock
+        config); the means are over the layers that stay."""
         from dataclasses import replace
 
         store: GateStore = store_of(gated)
         policy = policy or ExportPolicy()
         counts = keep_counts(store, policy)
+        removed = {s.layer for s in store.segments if s.kind == "layer" and counts[s.name] == 0}
         by_kind: dict[str, list] = {}
         for s in store.segments:
-            by_kind.setdefault(s.kind, []).append(s)
+            if s.kind != "layer":
+                by_kind.setdefault(s.kind, []).append(s)
         uni: dict[str, int] = {}
         for kind, segs in by_kind.items():
-            mean = sum(counts[s.name] for s in segs) / len(segs)
+            staying = [s for s in segs if s.layer not in removed] or segs
+            mean = sum(counts[s.name] for s in staying) / len(staying)
             lo = 1 if kind in ("head", "kv_group") else 0
             for s in segs:
                 uni[s.name] = min(s.units, max(lo, int(round(mean))))

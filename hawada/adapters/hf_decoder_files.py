@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hawada.adapters.hf_layers import depth_summary
 from hawada.errors import InputError, PathNotFoundError
 from hawada.hf_remote import modeling_hawada as remote
 from hawada.hf_remote.folder import LAYOUT_FILE, declares_layout
@@ -111,6 +112,7 @@ def decoder_layout(model: nn.Module) -> dict:
         "vocab_size": vocab_size_of(model),
         "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
         "layers": layer_widths(model),
+        **depth_summary(cfg, len(decoder_base(model).layers)),
     }
 
 

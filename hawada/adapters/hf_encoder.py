@@ -9,6 +9,10 @@ Segments (per encoder layer ``i``):
 * ``layer{i}.ffn``, kind ``ffn``: intermediate neurons in groups (default 32; the last group may
   be partial). Masked on the pre-activation output of the up projection; every supported
   activation maps 0 to 0 (checked at attach), so a closed neuron contributes exactly nothing.
+* ``layer{i}.layer``, kind ``layer``: the whole layer, one unit (:mod:`hawada.adapters.hf_layers`):
+  its output becomes ``x + z (h - x)``, so a closed layer is the identity and export removes it
+  from the layer list (``num_hidden_layers`` follows; ``config.hawada_depth`` records the kept
+  original layers).
 
 Export slices the linears and updates the attention's head count; a layer whose heads are all
 closed gets an :class:`EmptyAttention` (only the output bias remains, as in the gated model), a
@@ -35,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hawada.adapters import st_folder
+from hawada.adapters import hf_layers, st_folder
 from hawada.adapters.base import Adapter, UnknownModelError, register_adapter
 from hawada.core.export import ExportPolicy, clone_without_gates, slice_linear, store_of
 from hawada.core.gates import GateConfig, GateStore
@@ -155,7 +159,7 @@ _TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 class HFEncoderAdapter(Adapter):
     family = "hf_encoder"
     kd_kind = "embedding"
-    default_group_size = {"head": 1, "ffn": 32}
+    default_group_size = {"head": 1, "ffn": 32, "layer": 1}
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -193,7 +197,7 @@ class HFEncoderAdapter(Adapter):
                 )
         self.kd_kind = "embedding" if _is_bare(model) else "logits"
         store = GateStore(config)
-        gate_heads, gate_ffn = config.wants("head"), config.wants("ffn")
+        gate_heads, gate_ffn, gate_layer = config.wants("head"), config.wants("ffn"), config.wants("layer")
         for i, layer in enumerate(layers):
             if gate_heads:
                 heads = get_path(layer, p["q"]).out_features // hd
@@ -203,9 +207,14 @@ class HFEncoderAdapter(Adapter):
                 store.register(
                     f"layer{i}.ffn", "ffn", width, config.group_for("ffn", self.default_group_size["ffn"]), i
                 )
+        if gate_layer:  # after every width gate: the width segments keep their places in the store
+            hf_layers.register_layer_gates(store, len(layers), config.group_for("layer", 1))
         if len(store) == 0:
-            raise InputError("GateConfig.kinds selects no kind the hf_encoder adapter gates ('head', 'ffn')")
+            raise InputError(
+                "GateConfig.kinds selects no kind the hf_encoder adapter gates ('head', 'ffn', 'layer')"
+            )
         install_store(model, store, self)
+        hf_layers.hook_layer_gates(store, layers)
         for i, layer in enumerate(layers):
             if gate_heads:
                 gate_linear(get_path(layer, p["o"]), store, f"layer{i}.heads", "in", elements_per_unit=hd)
@@ -231,11 +240,15 @@ class HFEncoderAdapter(Adapter):
         return out.logits
 
     def kd_outputs(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``output`` plus the ``[B, L, hidden]`` output of every encoder layer (pruning keeps the
-        hidden size, so layer ``i`` of a slim model pairs with layer ``i`` of the original)."""
+        """``output`` plus the ``[B, L, hidden]`` output of every ORIGINAL encoder layer (pruning
+        keeps the hidden size, so layer ``i`` of a slim model pairs with layer ``i`` of the
+        original; a removed layer's output is its input, as in the gated model:
+        :func:`hawada.adapters.hf_layers.expand_states`)."""
         inputs = self.model_inputs(batch)
         out = model(**inputs, output_hidden_states=True)
-        states = list(out.hidden_states[1:])  # [0] is the embeddings' output
+        # [0] is the embeddings' output
+        config = getattr(getattr(model, "module", model), "config", None)  # DDP holds the model in .module
+        states = hf_layers.expand_states(config, out.hidden_states[0], list(out.hidden_states[1:]))
         if _is_bare(model):
             return embedding(model, out.last_hidden_state, inputs.get("attention_mask")), states
         return out.logits, states
@@ -306,6 +319,7 @@ class HFEncoderAdapter(Adapter):
             ffn = get_path(layer, p["up"]).out_features
             hseg = f"layer{i}.heads" if f"layer{i}.heads" in names else heads
             fseg = f"layer{i}.ffn" if f"layer{i}.ffn" in names else ffn
+            start = len(terms)
             for key in ("q", "k", "v"):
                 lin(f"layer{i}.{key}", (hidden, hseg), hidden, heads * hd, out_mult=hd)
             terms.append(
@@ -324,6 +338,9 @@ class HFEncoderAdapter(Adapter):
             norm(f"layer{i}.act", fseg, ffn)
             lin(f"layer{i}.down", (fseg, hidden), ffn, hidden)
             norm(f"layer{i}.norm2", hidden, hidden)
+            if hf_layers.segment_name(i) in names:  # a removed layer costs none of its terms
+                for t in terms[start:]:
+                    t.scale = hf_layers.segment_name(i)
         return terms
 
     # ------------------------------------------------------------------ export
@@ -334,11 +351,14 @@ class HFEncoderAdapter(Adapter):
     def export_pruned(self, gated: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
         style, _, _ = _style_and_layers(gated)
         slim = clone_without_gates(gated)
-        _, _, layers = _style_and_layers(slim)
+        _, path, layers = _style_and_layers(slim)
+        kept = hf_layers.kept_layers(keep, len(layers))
         hd = _head_dim(slim, style, layers)
         p = STYLES[style]
         hidden = slim.config.hidden_size
         for i, layer in enumerate(layers):
+            if i not in kept:  # removed below: nothing to slice
+                continue
             kh = keep.get(f"layer{i}.heads")
             if kh is not None:
                 kh = kh.long().cpu()
@@ -361,6 +381,8 @@ class HFEncoderAdapter(Adapter):
                 remote.set_path(layer, p["up"], slice_linear(get_path(layer, p["up"]), out_idx=kf))
                 remote.set_path(layer, p["down"], slice_linear(get_path(layer, p["down"]), in_idx=kf))
         del hidden
+        owner, _, attr = path.rpartition(".")
+        hf_layers.remove_layers(slim, get_path(slim, owner) if owner else slim, attr, kept)
         _record_layout(slim, hd)  # hd: no module may be left to tell it (every head removed)
         slim.train(gated.training)
         return slim
@@ -369,20 +391,26 @@ class HFEncoderAdapter(Adapter):
         """Every layer keeps the same head count and FFN width: the mean over layers of the open
         units, rounded by ``policy``'s rounding for that kind. BERT-style configs cannot express a
         head size other than hidden / heads, so BERT-style layers keep all their heads (a stock
-        config must be able to describe the result)."""
+        config must be able to describe the result).
+
+        Layer gates are left as they are: a uniform model with fewer layers is still a stock
+        config, so the layers the gates close are removed, and the means are over the layers that
+        stay."""
         store: GateStore = store_of(gated)
         style, _, _ = _style_and_layers(gated)
         open_u = [float(v) for v in store.open_units().tolist()]
+        removed = {s.layer for s, o in zip(store.segments, open_u) if s.kind == "layer" and o <= 0}
         counts: dict[str, int] = {}
         for kind in ("head", "ffn"):
             segs = [(s, o) for s, o in zip(store.segments, open_u) if s.kind == kind]
             if not segs:
                 continue
             units = segs[0][0].units
+            staying = [(s, o) for s, o in segs if s.layer not in removed] or segs
             if kind == "head" and style == "bert":
                 k = units
             else:
-                mean = sum(o for _, o in segs) / len(segs)
+                mean = sum(o for _, o in staying) / len(staying)
                 if kind == "ffn":  # whole gate groups
                     g = segs[0][0].group_size
                     mean = round(mean / g) * g
@@ -451,6 +479,7 @@ def _layout(model: nn.Module, head_dim: int | None = None) -> dict:
         "style": style,
         "head_dim": int(hd),
         "layers": out,
+        **hf_layers.depth_summary(model.config, len(out)),
     }
 
 

@@ -91,7 +91,7 @@ class ExportPolicy:
     """How gates become a slim model.
 
     The default applies no rounding and keeps exactly the units whose gates are open in eval
-    mode. ``rounding`` applies to every kind unless ``per_kind`` names one. ``check``: verify
+    mode. ``rounding`` applies to every kind but ``layer`` unless ``per_kind`` names one. ``check``: verify
     the slim model against the gated model on a probe batch (invariant 2) and refuse to
     return a model that breaks it, at relative error ``tolerance`` for a model computing in
     fp32 (or fp64); a bf16/fp16 model is held to :func:`export_tolerance` of its dtype (never
@@ -106,6 +106,10 @@ class ExportPolicy:
     counts: dict[str, int] = field(default_factory=dict)
 
     def rounding_for(self, kind: str) -> Rounding | None:
+        """The rounding of ``kind``'s segments. A whole-layer gate (``layer``, one unit) is rounded
+        only when ``per_kind`` names it: ``rounding`` (with a ``min_keep_ratio``) would reopen it."""
+        if kind == "layer":
+            return self.per_kind.get(kind)
         return self.per_kind.get(kind, self.rounding)
 
 
@@ -144,6 +148,14 @@ def keep_counts(store: GateStore, policy: ExportPolicy | None = None) -> dict[st
                     f"export count {k} for segment {seg.name!r} is outside [0, {seg.units}]"
                 )
             out[seg.name] = k
+    # A transformer needs one layer (docs/DESIGN.md, "Layer gates"): when the gates close every
+    # layer and no count says so, the layer with the highest logit stays (penalties that close
+    # every gate they may would otherwise leave a run nothing to export).
+    layers = [s for s in store.segments if s.kind == "layer"]
+    if layers and not any(out[s.name] for s in layers) and not any(s.name in policy.counts for s in layers):
+        lg = store.logits.detach()
+        best = max(layers, key=lambda s: float(lg[s.start : s.stop].max()))
+        out[best.name] = best.units
     return out
 
 

@@ -46,7 +46,7 @@ from hawada.ops.gates import (
     project_gates,
 )
 
-KINDS = ("block", "stage", "head", "ffn", "kv_group")
+KINDS = ("block", "stage", "head", "ffn", "kv_group", "layer")
 
 
 @dataclass
@@ -62,7 +62,8 @@ class GateConfig:
         stretch: (gamma, zeta) of the hard-concrete stretch, gamma < 0 < 1 < zeta.
         group_size: units per gate, by kind (adapters supply defaults for missing kinds).
         min_keep: gates the projection keeps open per segment, by kind. A residual stream
-            (``stage``) always keeps at least one.
+            (``stage``) always keeps at least one. A transformer layer's gate (``layer``) is a
+            segment of one gate: ``min_keep.layer: 1`` keeps every layer.
         kinds: kinds to gate; ``None`` gates every kind the adapter supports.
         logit_clip: projection clamps logits into [-logit_clip, logit_clip].
     """

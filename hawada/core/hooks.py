@@ -39,6 +39,30 @@ class MaskOutput:
         return output * m.view(shape)
 
 
+class LayerGate:
+    """Forward hook (with kwargs) on a whole transformer layer: its output ``h`` becomes
+    ``x + z (h - x)``, ``x`` the layer's input hidden states and ``z`` the segment's one-unit mask.
+
+    A closed layer (z = 0) is exactly the identity on the residual stream, so removing it from
+    the layer list changes nothing; an open one (z = 1) is exactly the stock output.
+    ``torch.lerp`` computes ``x + z (h - x)`` for z < 1/2 and ``h - (1 - z)(h - x)`` otherwise,
+    so both ends are exact, not only within rounding. ``x`` is the first positional argument or
+    the ``hidden_states`` keyword; an output tuple (``[B, L, D]`` first) keeps its other items.
+    """
+
+    _hawada_gate = True
+
+    def __init__(self, store: GateStore, segment: str, arg: str = "hidden_states") -> None:
+        self.store, self.segment, self.arg = store, segment, arg
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        x = args[0] if args else kwargs[self.arg]
+        h = output[0] if isinstance(output, tuple) else output
+        z = self.store.unit_mask(self.segment).to(h.dtype).reshape(())
+        out = torch.lerp(x, h, z)
+        return (out, *output[1:]) if isinstance(output, tuple) else out
+
+
 class RefreshGates:
     """Forward pre-hook on the model root: each forward samples its gates once."""
 
@@ -106,12 +130,17 @@ def gate_linear(
     )
 
 
-def add_hook(module: nn.Module, hook: Any, pre: bool = False, with_kwargs: bool = False) -> None:
-    """Register a gate hook (marked so that export can strip it)."""
+def add_hook(
+    module: nn.Module, hook: Any, pre: bool = False, with_kwargs: bool = False, prepend: bool = False
+) -> None:
+    """Register a gate hook (marked so that export can strip it). ``prepend``: run before the
+    module's other hooks, including ones registered later with ``prepend=False`` (transformers
+    records a layer's output for ``output_hidden_states`` by a forward hook that may be installed
+    after the gates: it must see the gated output)."""
     if pre:
-        module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
+        module.register_forward_pre_hook(hook, with_kwargs=with_kwargs, prepend=prepend)
     else:
-        module.register_forward_hook(hook, with_kwargs=with_kwargs)
+        module.register_forward_hook(hook, with_kwargs=with_kwargs, prepend=prepend)
 
 
 def install_store(model: nn.Module, store: GateStore, adapter: AdapterLike) -> None:

@@ -64,6 +64,10 @@ class CostTerm:
     KV groups), ``attention_gqa`` {batch, seq, head_dim} (causal prefill) and
     ``decode_attention`` {batch, ctx, head_dim} (one query token reading a KV cache of ``ctx``).
     Any op takes ``repeat`` (runs per call).
+
+    ``scale``: a segment (a transformer layer's one-unit ``layer`` gate) whose kept fraction
+    multiplies the term's FLOPs, bytes, live-op count and table time: a removed layer costs
+    nothing, whatever its other widths. The table is timed without it (the op itself is the same).
     """
 
     name: str
@@ -72,6 +76,7 @@ class CostTerm:
     flops: float
     bytes: float
     spec: dict = field(default_factory=dict)
+    scale: str | None = None
 
 
 def _build_op(
@@ -208,7 +213,15 @@ class LatencyProxy(nn.Module):
                 row_f.append(1.0)
             idx.append(row_i)
             full.append(row_f)
+        scale = []
+        for t in terms:
+            if t.scale is not None and t.scale not in index:
+                raise ValueError(f"cost term {t.name!r} is scaled by unknown segment {t.scale!r}")
+            scale.append(S if t.scale is None else index[t.scale])
         self.register_buffer("dim_index", torch.tensor(idx, dtype=torch.long))  # [T, 2]
+        # [T] the segment whose kept fraction multiplies each term (S: the constant slot, 1);
+        # derived from the terms, so not part of a saved proxy state
+        self.register_buffer("scale_index", torch.tensor(scale, dtype=torch.long), persistent=False)
         self.register_buffer("dim_full", torch.tensor(full))  # [T, 2]
         self.register_buffer("seg_full", torch.tensor(full_units + [1.0]))  # [S + 1]
         self.register_buffer("n_dims", torch.tensor([len(t.dims) for t in terms]))
@@ -231,24 +244,30 @@ class LatencyProxy(nn.Module):
         ext = torch.cat([widths.float() / self.seg_full[:-1], widths.new_ones(1, dtype=torch.float32)])
         return ext[self.dim_index]
 
+    def scales(self, widths: torch.Tensor) -> torch.Tensor:
+        """``[S] -> [T]`` kept fraction of each term's ``scale`` segment (1 for unscaled terms)."""
+        ext = torch.cat([widths.float() / self.seg_full[:-1], widths.new_ones(1, dtype=torch.float32)])
+        return ext[self.scale_index]
+
     def features(self, widths: torch.Tensor) -> torch.Tensor:
         """``[S] -> [4]``: (GFLOPs, MB, live ops, 1) of the sub-architecture."""
         r = self.fractions(widths)
+        s = self.scales(widths)
         prod = r.prod(-1)
         mean = (r.sum(-1) - (MAX_DIMS - self.n_dims)) / self.n_dims
         live = (r > 0).all(-1).float()
         return torch.stack(
             [
-                (self.flops * prod).sum() / 1e9,
-                (self.bytes_ * mean * live).sum() / 1e6,
-                live.sum(),
+                (self.flops * prod * s).sum() / 1e9,
+                (self.bytes_ * mean * live * s).sum() / 1e6,
+                (live * s).sum(),
                 prod.new_ones(()),
             ]
         )
 
     def term_ms(self, widths: torch.Tensor) -> torch.Tensor:
         """``[S] -> [T]``: table-interpolated latency of each term (lut mode), piecewise linear
-        between the widths that were timed (``grid_r``)."""
+        between the widths that were timed (``grid_r``), times the term's ``scale`` fraction."""
         r = self.fractions(widths).clamp(0.0, 1.0)  # [T, 2]
         G = self.grid.numel()
         grid = self.grid_r  # [T, 2, G], non-decreasing along G
@@ -265,7 +284,7 @@ class LatencyProxy(nn.Module):
             j = hi[:, 1] if b else lo[:, 1]
             w = (t[:, 0] if a else 1 - t[:, 0]) * (t[:, 1] if b else 1 - t[:, 1])
             out = out + w * self.table[rows, i, j]
-        return out
+        return out * self.scales(widths)
 
     def forward(self, widths: torch.Tensor) -> torch.Tensor:
         """``[S]`` kept units per segment -> scalar latency in ms (differentiable)."""

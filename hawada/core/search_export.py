@@ -36,7 +36,9 @@ class SearchConfig:
     speeds up depends on the device and runtime (a GPU GEMM wants an FFN width in multiples of
     64, while 4 query slots per KV group are not a GEMM dimension at all), and a recipe targets
     one device. A multiple no smaller than a segment leaves that segment unrounded
-    (:meth:`Rounding.apply`), so listing every kind never reopens small segments whole.
+    (:meth:`Rounding.apply`), so listing every kind never reopens small segments whole. Layer
+    gates (kind ``layer``) are never rounded: the default leaves them out and listing them is
+    refused.
     """
 
     multiples: list[int] = knob(factory=lambda: [1, 4, 8, 16], lo=1)
@@ -206,7 +208,9 @@ def _grid_trials(
     unknown = sorted(set(kinds or ()) - set(present))
     if unknown:
         raise InputError(f"search.kinds: {unknown} are not gate kinds of this model (its kinds: {present})")
-    kinds = kinds or present
+    if "layer" in (kinds or ()):
+        raise InputError("search.kinds: 'layer' gates are never rounded (a layer is kept or removed whole)")
+    kinds = kinds or [k for k in present if k != "layer"]
     trials = []
     for multiple, mode in itertools.product(multiples, modes):
         r = Rounding(int(multiple), mode)
@@ -327,10 +331,12 @@ def _trial(gated: nn.Module, policy: ExportPolicy, judge: Judge, fields: dict) -
 def closed_gates_by_logit(store, counts: dict[str, int]) -> list[tuple[str, int]]:
     """The gates a keep set leaves out, as ``(segment name, count once reopened)``, highest logit
     first over all segments; a segment's entries are in its own logit order, so reopening the
-    first ``n`` entries is the keep set with each segment's count raised to its last entry."""
+    first ``n`` entries is the keep set with each segment's count raised to its last entry. Layer
+    gates are not candidates: a probe adjusts widths, and a whole layer is kept or removed by its
+    trained gate alone."""
     lg = store.logits.detach().cpu()
     cands: list[tuple[float, str, int]] = []
-    for s in store.segments:
+    for s in (s for s in store.segments if s.kind != "layer"):
         kept_groups = -(-int(counts[s.name]) // s.group_size)  # a split group counts as kept
         order = torch.sort(lg[s.start : s.stop], descending=True, stable=True).values
         for j in range(kept_groups, s.count):
@@ -343,10 +349,11 @@ def open_gates_by_logit(store, counts: dict[str, int]) -> list[tuple[str, int]]:
     """The gates a keep set holds above each segment's ``min_keep``, as ``(segment name, count
     once closed)``, lowest logit first over all segments; a segment's entries are in its own
     reverse logit order, so closing the first ``n`` entries is the keep set with each segment's
-    count lowered to its last entry."""
+    count lowered to its last entry. Layer gates are not candidates (see
+    :func:`closed_gates_by_logit`)."""
     lg = store.logits.detach().cpu()
     cands: list[tuple[float, str, int]] = []
-    for s in store.segments:
+    for s in (s for s in store.segments if s.kind != "layer"):
         kept_groups = -(-int(counts[s.name]) // s.group_size)
         order = torch.sort(lg[s.start : s.stop], descending=True, stable=True).values
         for j in range(kept_groups - 1, s.min_keep - 1, -1):

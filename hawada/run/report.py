@@ -208,7 +208,33 @@ def layout_rows(layout: dict, base: dict | None = None) -> list[tuple[str, str]]
         if full is not None:
             text += f"  ({sum(values):,} of {sum(full[kind]):,})"
         rows.append((f"{kind} per {'block' if kind == 'channels' else 'layer'}", text))
+    removed = removed_layers(layout)
+    if removed:
+        rows.append(("removed layers", f"{_ints(removed)}  ({len(removed)} of {layout['layers_of']})"))
     return rows
+
+
+def removed_layers(layout: dict) -> list[int]:
+    """The original indices of the transformer layers a slim layout no longer has (layer gates
+    closed at export; ``kept_layers`` / ``layers_of`` in the layout), ascending."""
+    kept = layout.get("kept_layers")
+    if kept is None:
+        return []
+    return sorted(set(range(int(layout["layers_of"]))) - {int(i) for i in kept})
+
+
+def _by_original_layer(layout: dict, units: dict[str, list[int]]) -> dict[str, list[int]]:
+    """``units`` of a layout with one entry per ORIGINAL layer: a removed layer keeps 0 of each."""
+    kept = layout.get("kept_layers")
+    if kept is None:
+        return units
+    out = {}
+    for kind, values in units.items():
+        full = [0] * int(layout["layers_of"])
+        for i, v in zip(kept, values):
+            full[int(i)] = v
+        out[kind] = full
+    return out
 
 
 def layer_widths(layout: dict[str, Any]) -> dict[str, tuple[int, int]]:
@@ -217,6 +243,7 @@ def layer_widths(layout: dict[str, Any]) -> dict[str, tuple[int, int]]:
     b, s = layer_units(layout["base"]), layer_units(layout["slim"])
     if b is None or s is None:
         return _widths_from_layout(layout)
+    s = _by_original_layer(layout["slim"], s)  # a removed layer is drawn as 0 kept
     out: dict[str, tuple[int, int]] = {}
     if "stem" in layout["base"]:
         out["stem"] = (int(layout["base"]["stem"]), int(layout["slim"]["stem"]))

@@ -54,10 +54,16 @@ class Setup:
 
 
 def minimal_keep_logits(store: GateStore) -> torch.Tensor:
-    """``[N]`` logits with which each segment keeps exactly its ``min_keep`` gates (the fastest allowed)."""
+    """``[N]`` logits with which each segment keeps exactly its ``min_keep`` gates (the fastest allowed).
+
+    A model needs one transformer layer (an export without any is refused): when no layer gate
+    must stay open, the first one does."""
     new = torch.full_like(store.logits.detach(), -1.0)
     for s in store.segments:
         new[s.start : s.start + s.min_keep] = 1.0
+    layers = [s for s in store.segments if s.kind == "layer"]
+    if layers and not any(s.min_keep for s in layers):
+        new[layers[0].start] = 1.0
     return new
 
 
