@@ -293,7 +293,7 @@ def _cpp_samples(
             return [], ""
         script, args = prog
         ext = _ext.load()
-        return _adaptive(lambda n, w: ext.time_script_cpu(script, args, n, w), *stop), "cpp_steady_clock"
+        return adaptive_samples(lambda n, w: ext.time_script_cpu(script, args, n, w), *stop), "cpp_steady_clock"
     if not (dev.type == "cuda" and cuda_graph and _ext.has_cuda()):
         if required:
             raise InputError(
@@ -310,7 +310,7 @@ def _cpp_samples(
         torch.cuda.synchronize(dev)
         nbytes = 0 if flush_buf is None else flush_buf.numel()
         with _captured(call) as graph:
-            samples = _adaptive(lambda n, w: ext.time_cuda_graph(graph, n, nbytes), 0, *rest)
+            samples = adaptive_samples(lambda n, w: ext.time_cuda_graph(graph, n, nbytes), 0, *rest)
     return samples, "cpp_cuda_graph"
 
 
@@ -338,21 +338,10 @@ def adaptive_samples(
     budget_s: float,
     rel_ci: float,
 ) -> list[float]:
-    """Public name of the stopping rule every timing loop shares (see :func:`_adaptive`)."""
-    return _adaptive(run, warmup, min_repeats, max_repeats, budget_s, rel_ci)
-
-
-def _adaptive(
-    run: Callable[[int, int], list[float]],
-    warmup: int,
-    min_repeats: int,
-    max_repeats: int,
-    budget_s: float,
-    rel_ci: float,
-) -> list[float]:
-    """Samples from ``run(n, warmup) -> n samples (ms)`` in chunks, with the stopping rule of the
-    Python loop (CI of the median within ``rel_ci`` of it, ``max_repeats`` or ``budget_s``);
-    chunks keep Python out of the timed region and stay short enough to honour the budget."""
+    """The stopping rule every timing loop shares: samples from ``run(n, warmup) -> n samples
+    (ms)`` in chunks, until the 95% interval of the median is within ``rel_ci`` of it, or
+    ``max_repeats`` samples, or ``budget_s`` seconds; chunks keep Python out of the timed region
+    and stay short enough to honour the budget."""
     t_start = time.perf_counter()
     samples = list(run(max(1, min(min_repeats, max_repeats)), warmup))
     while len(samples) < max_repeats:

@@ -241,13 +241,16 @@ class LatencyProxy(nn.Module):
     # ------------------------------------------------------------------ evaluation
     def fractions(self, widths: torch.Tensor) -> torch.Tensor:
         """``[S] -> [T, 2]`` kept fraction of each term's dims (1 for fixed dims)."""
-        ext = torch.cat([widths.float() / self.seg_full[:-1], widths.new_ones(1, dtype=torch.float32)])
-        return ext[self.dim_index]
+        return self._seg_fractions(widths)[self.dim_index]
+
+    def _seg_fractions(self, widths: torch.Tensor) -> torch.Tensor:
+        """``[S] -> [S + 1]`` kept fraction of each segment, then the constant slot (1) that a
+        fixed dim or an unscaled term indexes."""
+        return torch.cat([widths.float() / self.seg_full[:-1], widths.new_ones(1, dtype=torch.float32)])
 
     def scales(self, widths: torch.Tensor) -> torch.Tensor:
         """``[S] -> [T]`` kept fraction of each term's ``scale`` segment (1 for unscaled terms)."""
-        ext = torch.cat([widths.float() / self.seg_full[:-1], widths.new_ones(1, dtype=torch.float32)])
-        return ext[self.scale_index]
+        return self._seg_fractions(widths)[self.scale_index]
 
     def features(self, widths: torch.Tensor) -> torch.Tensor:
         """``[S] -> [4]``: (GFLOPs, MB, live ops, 1) of the sub-architecture."""

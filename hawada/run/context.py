@@ -20,7 +20,7 @@ from hawada.core.profiler import Meter, latency_meter
 from hawada.errors import InputError
 from hawada.jobs import Job, build_job
 from hawada.run.folder import RunPaths
-from hawada.runtimes.meter import check_runtime, runtime_meter
+from hawada.runtimes.meter import RuntimeMeter, check_runtime
 
 Log = Callable[[str], None]
 
@@ -67,7 +67,7 @@ def make_meter(recipe: Recipe, job: Job) -> Meter:
     PyTorch, or the model's deployed form in ``measure.runtime``."""
     if recipe.measure.runtime == "eager":
         return latency_meter(job.latency_inputs, recipe.device, job.timed, config=recipe.measure)
-    return runtime_meter(
+    return RuntimeMeter(
         recipe.measure.runtime, job.latency_inputs, recipe.device, recipe.measure, recipe.threads or None
     )
 

@@ -1,7 +1,7 @@
 """A run's latency meter in the runtime the recipe deploys to (``measure.runtime``;
 docs/DESIGN.md, "Runtimes").
 
-``runtime_meter(...)`` is a ``Meter``: ``meter(model) -> LatencyResult`` for a *plain* model, as
+``RuntimeMeter(...)`` is a ``Meter``: ``meter(model) -> LatencyResult`` for a *plain* model, as
 ``profiler.latency_meter`` is for eager PyTorch. It converts the model into its deployed form and
 times that:
 
@@ -222,17 +222,6 @@ class _Pool:
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
-
-
-def runtime_meter(
-    runtime: str,
-    example_inputs: Inputs,
-    device: str | torch.device,
-    config: MeasureConfig | None = None,
-    threads: int | None = None,
-) -> RuntimeMeter:
-    """The meter of a run whose ``measure.runtime`` is not ``eager`` (see :class:`RuntimeMeter`)."""
-    return RuntimeMeter(runtime, example_inputs, device, config, threads)
 
 
 class DeployedModel(nn.Module):
