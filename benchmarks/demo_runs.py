@@ -11,7 +11,8 @@ within the tolerance of the target ratio.
 Run: ``python benchmarks/demo_runs.py --runs 3`` (about 15 minutes per run of the MiniLM demo on
 2 cores; nothing else should run meanwhile). ``--recipe``/``--set`` run another recipe or override
 keys; ``--name`` names the JSON under ``benchmarks/results/``; ``--append`` adds runs to it (one
-run at a time, each looked at before the next).
+run at a time, each looked at before the next); ``--keep DIR`` keeps each run's folder (its slim model
+for ``runtime_side_by_side.py --slim``).
 """
 
 from __future__ import annotations
@@ -92,6 +93,9 @@ def main() -> None:
     ap.add_argument("--name", default="demo_runs")
     ap.add_argument("--tolerance", type=float, default=0.05, help="landing tolerance on the target ratio")
     ap.add_argument("--append", action="store_true", help="add these runs to those already in the JSON")
+    ap.add_argument(
+        "--keep", default=None, help="keep each run's folder under this directory (run0, run1, ...)"
+    )
     args = ap.parse_args()
     runs = []
     previous = os.path.join(results_dir(), f"{args.name}.json")
@@ -102,8 +106,8 @@ def main() -> None:
             raise SystemExit(f"{previous} holds runs of another recipe or other overrides")
         runs = list(old["runs"])
     with tempfile.TemporaryDirectory() as tmp:
-        for i in range(args.runs):
-            report, wall = run_once(args.recipe, args.sets, os.path.join(tmp, f"run{i}"))
+        for _ in range(args.runs):
+            report, wall = run_once(args.recipe, args.sets, os.path.join(args.keep or tmp, f"run{len(runs)}"))
             runs.append({**summarize_report(report), "process_seconds": wall})
             print(json.dumps(runs[-1]), flush=True)
     keys = ("speedup", "mean_cosine", "retrieval_top1", "final_vs_target", "landing_error", "lambda_end",

@@ -21,7 +21,9 @@ from common import write_result  # noqa: E402
 from hawada.config import load_recipe  # noqa: E402
 from hawada.run import optimize  # noqa: E402
 
-RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "recipes", "cpu", "minilm-l6.yaml")
+RECIPE = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "recipes", "cpu", "minilm-l6-fp32.yaml"
+)
 
 
 def main() -> None:

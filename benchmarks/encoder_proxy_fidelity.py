@@ -24,7 +24,9 @@ from hawada.jobs import build_job  # noqa: E402
 from hawada.run.context import make_meter  # noqa: E402
 from hawada.run.fidelity import proxy_fidelity  # noqa: E402
 
-RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "recipes", "cpu", "minilm-l6.yaml")
+RECIPE = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "recipes", "cpu", "minilm-l6-fp32.yaml"
+)
 
 
 def main() -> None:

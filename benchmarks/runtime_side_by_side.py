@@ -13,10 +13,11 @@ against the fp32 eager teacher's: mean cosine and retrieval agreement (top-1, to
   hawada: prose about software packages that the docstring corpus does not contain and no run
   trains on.
 
-    python benchmarks/runtime_side_by_side.py [--slim RUN/slim] [--rounds 5 --repeats 4]
+    python benchmarks/runtime_side_by_side.py [--slim [NAME=]RUN/slim ...] [--rounds 5 --repeats 4]
 
-Without ``--slim`` the slim rows are skipped (a message says so). Writes
-``benchmarks/results/runtime_side_by_side.json``.
+``--slim`` may be given several times (``int8=runs/a/slim --slim fp32=runs/b/slim``): each slim
+model gets a row per runtime, under its name (``slim`` without one). Without ``--slim`` the slim
+rows are skipped (a message says so). Writes ``benchmarks/results/runtime_side_by_side.json``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import tempfile
 import zlib
 
 import torch
-from common import write_result
+from common import HERE, write_result
 
 import hawada
 from hawada.adapters import st_folder
@@ -80,6 +81,16 @@ def embed(deployed, data: Tokenized, batch: int = 32) -> torch.Tensor:
     return torch.cat(outs)
 
 
+def latency_inputs(data: Tokenized, batch: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """The timed batch: ``[batch, seq_len]`` real passages padded to ``seq_len``, every position
+    attended (the demo's shape, whatever the passages' lengths)."""
+    idx = torch.arange(batch) % len(data)
+    return {
+        "input_ids": data.input_ids[idx, :seq_len].clone(),
+        "attention_mask": torch.ones(batch, seq_len, dtype=torch.long),
+    }
+
+
 def quality(emb: torch.Tensor, ref: torch.Tensor) -> dict:
     ra = retrieval_agreement(emb, ref, k=10)
     return {
@@ -96,7 +107,12 @@ def speedup(den: LatencyResult, num: LatencyResult) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--slim", default=None, help="a saved slim folder (e.g. the slim/ of a `make demo` run)")
+    p.add_argument(
+        "--slim",
+        action="append",
+        default=[],
+        help="[NAME=]FOLDER: a saved slim folder (e.g. the slim/ of a `make demo` run); repeatable",
+    )
     p.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma-separated runtime names")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=32)
@@ -118,10 +134,16 @@ def main() -> None:
 
     torch.set_num_threads(a.threads)
     teacher, tok = load_teacher()
-    models = {"teacher": teacher}
-    if a.slim:
-        models["slim"] = hawada.load_slim(a.slim)
-    else:
+    models, folders = {"teacher": teacher}, {}
+    for item in a.slim:
+        name, _, folder = item.rpartition("=")
+        name = name or "slim"
+        if name in models:
+            raise SystemExit(f"--slim {item}: the name {name!r} is taken; give NAME=FOLDER")
+        models[name] = hawada.load_slim(folder)
+        # the folder as the result names it: relative to the repository (no machine paths)
+        folders[name] = os.path.relpath(os.path.abspath(folder), os.path.dirname(HERE))
+    if not a.slim:
         print(
             "no --slim folder given: the slim rows are skipped (give the slim/ of a `make demo` run)",
             file=sys.stderr,
@@ -132,12 +154,7 @@ def main() -> None:
     if a.max_passages:
         test, off = test[: a.max_passages], off[: a.max_passages]
     sets = {"test": tokenize(tok, test, a.seq_len), "offdomain": tokenize(tok, off, a.seq_len)}
-    # Latency batch: real passages padded to seq_len, every position attended (the demo's shape).
-    idx = torch.arange(a.batch) % len(sets["test"])
-    lat = {
-        "input_ids": sets["test"].input_ids[idx].clone(),
-        "attention_mask": torch.ones(a.batch, a.seq_len, dtype=torch.long),
-    }
+    lat = latency_inputs(sets["test"], a.batch, a.seq_len)
 
     tmp = None if a.artifacts else tempfile.TemporaryDirectory(prefix="hawada-side-by-side-")
     root = a.artifacts or tmp.name
@@ -155,7 +172,7 @@ def main() -> None:
     base = timings["teacher/eager"]
     rows = []
     for key, art in arts.items():
-        m, r = key.split("/")
+        m, r = key.rsplit("/", 1)
         t = timings[key]
         deployed = load_artifact(art.folder, r, threads=a.threads)
         row = {
@@ -185,7 +202,7 @@ def main() -> None:
                 "repeats": a.repeats,
                 "processes": "one per artifact, rounds interleaved",
             },
-            "slim": os.path.abspath(a.slim) if a.slim else None,
+            "slim": folders,
             "runtime_versions": versions,
             "quality_sets": {
                 "reference": "teacher, fp32 eager",

@@ -22,6 +22,7 @@ from hawada.data.text import (
     split_of,
 )
 from hawada.jobs.text import build_text_job, packaged_minilm_folder
+from hawada.run.report import deployed_form
 from tests.helpers import rerandomized
 
 RECIPE = os.path.join(os.path.dirname(__file__), "..", "recipes", "cpu", "minilm-l6.yaml")
@@ -160,9 +161,12 @@ def test_minilm_recipe_smoke_run(tmp_path) -> None:
     }
     with torch.no_grad():
         assert slim(**x).last_hidden_state.shape == (1, 4, 384)
-    # the saved model is the one the report scored: the same agreement on the test split
+    # the saved model is the one the report scored: the same agreement on the test split, in the
+    # runtime the recipe deploys to (the demo's: int8, its weights derived from the saved fp32 ones)
     job = build_text_job(r, torch.device("cpu"))
-    again = job.evaluate(job.teacher, slim, "test")
+    runtime = report["agreement_measured_in"]
+    assert runtime == r.measure.runtime and (out / "slim" / "runtimes.json").is_file()
+    again = job.evaluate(job.teacher, deployed_form(slim, runtime, job.latency_inputs), "test")
     for k in agreement:
         assert again[k] == pytest.approx(agreement[k], abs=1e-5), k
     # the scale: the teacher against itself agrees exactly; the slim student (pruned from the
