@@ -55,7 +55,11 @@ def updated_fractions(family: str) -> dict:
     runs = {}
     original = train_mod.MasterWeights
     try:
-        for name, dtype in (("fp32", torch.float32), ("bf16_masters", torch.bfloat16), ("bf16_plain", torch.bfloat16)):
+        for name, dtype in (
+            ("fp32", torch.float32),
+            ("bf16_masters", torch.bfloat16),
+            ("bf16_plain", torch.bfloat16),
+        ):
             train_mod.MasterWeights = NoMasters if name == "bf16_plain" else original
             tr = trainer(family, dtype, steps=STEPS)
             before = weight_values(tr)
@@ -63,7 +67,10 @@ def updated_fractions(family: str) -> dict:
             runs[name] = (before, weight_values(tr), kd)
     finally:
         train_mod.MasterWeights = original
-    out = {k: {"changed_frac": changed_fraction(b, a), "kd_drop": kd[0] - kd[-1]} for k, (b, a, kd) in runs.items()}
+    out = {
+        k: {"changed_frac": changed_fraction(b, a), "kd_drop": kd[0] - kd[-1]}
+        for k, (b, a, kd) in runs.items()
+    }
     d32 = torch.cat([(a - b).flatten() for b, a in zip(*runs["fp32"][:2])])
     d16 = torch.cat([(a - b).flatten() for b, a in zip(*runs["bf16_masters"][:2])])
     out["update_cosine_bf16_vs_fp32"] = float(torch.nn.functional.cosine_similarity(d32, d16, dim=0))
@@ -95,12 +102,21 @@ def export_errors(family: str, dtype: torch.dtype) -> dict:
 def main() -> None:
     updates = {f: updated_fractions(f) for f in FAMILIES}
     errors = {
-        f: {str(dt).split(".")[-1]: export_errors(f, dt) for dt in (torch.float32, torch.bfloat16, torch.float16)}
+        f: {
+            str(dt).split(".")[-1]: export_errors(f, dt)
+            for dt in (torch.float32, torch.bfloat16, torch.float16)
+        }
         for f in FAMILIES
     }
     write_result(
         "bf16_precision",
-        {"steps": STEPS, "lr": 2e-5, "keep_sets": KEEP_SETS, "weights_updated": updates, "export_error": errors},
+        {
+            "steps": STEPS,
+            "lr": 2e-5,
+            "keep_sets": KEEP_SETS,
+            "weights_updated": updates,
+            "export_error": errors,
+        },
     )
 
 

@@ -222,7 +222,9 @@ def run_one(path: str) -> dict:
         row["dtype"] = compute_dtype(slim) == dtype
         row["slim_dtype"] = str(compute_dtype(slim)).split(".")[-1]
         row["smaller"] = report["params"]["slim"] < report["params"]["base"]
-        row["finite"] = report["train"]["skipped_steps"] == 0 and report["train"]["finetune_skipped_steps"] == 0
+        row["finite"] = (
+            report["train"]["skipped_steps"] == 0 and report["train"]["finetune_skipped_steps"] == 0
+        )
         row["amp"] = raw.get("train", {}).get("amp", "off")
         row["params_ratio"] = report["params"]["ratio"]
         row["speedup"] = report["latency"]["speedup"]

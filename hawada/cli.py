@@ -206,7 +206,9 @@ def eval_runtime(folder: str, asked: str | None) -> str:
     if asked is not None:
         get_runtime(asked)  # an unknown name is one line
         if asked != "eager" and asked not in manifest:
-            raise InputError(f"{folder} holds no {asked} artifact (it holds: {', '.join(manifest) or 'none'})")
+            raise InputError(
+                f"{folder} holds no {asked} artifact (it holds: {', '.join(manifest) or 'none'})"
+            )
         return asked
     if len(manifest) > 1:
         raise InputError(f"{folder} holds artifacts of {', '.join(manifest)}: choose one with --runtime")

@@ -266,7 +266,9 @@ def test_missing_paths_are_input_errors_and_file_not_found_errors():
     assert not issubclass(ExportError, InputError) and issubclass(ExportRequestError, ExportError)
 
 
-@pytest.mark.parametrize("classes, message", [(1000, "the weights' classifier has 1000 outputs, the data 10 classes")])
+@pytest.mark.parametrize(
+    "classes, message", [(1000, "the weights' classifier has 1000 outputs, the data 10 classes")]
+)
 def test_weights_whose_classifier_does_not_fit_the_data_are_one_line(tmp_path, capsys, classes, message):
     """A ResNet state dict with another classifier size (e.g. ImageNet's 1000 classes on a
     10-class data set) is the user's input: one line and exit 2, not a load_state_dict traceback."""
@@ -288,7 +290,12 @@ def test_a_decoder_on_image_data_is_one_line(tmp_path, capsys):
     """A decoder recipe that leaves data.kind at its default (digits) names the real cause."""
     out_dir = tmp_path / "out"
     sets = []
-    for o in ["model.family=hf_decoder", "model.path=" + str(tmp_path), f"output.dir={out_dir}", "progress=false"]:
+    for o in [
+        "model.family=hf_decoder",
+        "model.path=" + str(tmp_path),
+        f"output.dir={out_dir}",
+        "progress=false",
+    ]:
         sets += ["--set", o]
     code, _, err = run_cli(capsys, "optimize", os.path.join(ROOT, "recipes/cpu/resnet18_digits.yaml"), *sets)
     assert code == 2 and err.count("\n") == 1

@@ -18,7 +18,9 @@ from hawada.jobs.lm import DecodeStep, PrefillDecode, build_lm_job  # noqa: E402
 from tests.helpers import rerandomized  # noqa: E402
 
 
-def tiny_teacher(path: str, vocab: int = VOCAB_SIZE, tie: bool = True, dtype: torch.dtype | None = None) -> None:
+def tiny_teacher(
+    path: str, vocab: int = VOCAB_SIZE, tie: bool = True, dtype: torch.dtype | None = None
+) -> None:
     """A random two-layer Llama. Tied embeddings make a random model predict its input token
     again (the largest logit is the token's own embedding); ``tie=False`` gives predictions that
     depend on the weights."""

@@ -46,7 +46,10 @@ FAST = SIZES["measure"]  # a few short timings
 def in_runtime(runtime: str) -> dict:
     """The recipe sections of a short run measured in ``runtime`` (``with_sizes`` replaces a
     section it is given, so the short timings of :data:`SIZES` are kept here)."""
-    return {"measure": {**SIZES["measure"], "runtime": runtime}, "proxy": {**SIZES["proxy"], "mode": "analytic"}}
+    return {
+        "measure": {**SIZES["measure"], "runtime": runtime},
+        "proxy": {**SIZES["proxy"], "mode": "analytic"},
+    }
 
 
 def bert_inputs(batch: int = 2) -> dict:
@@ -149,12 +152,12 @@ def test_missing_runtime_package_fails_before_any_work(tmp_path, monkeypatch) ->
 
 def test_settings_that_time_eager_only_are_refused(tmp_path) -> None:
     base = tiny_vit_required(tmp_path)
-    lut = recipe_from_dict(with_sizes(base, tmp_path / "a", measure={**SIZES["measure"], "runtime": "int8_dynamic"}))
+    lut = recipe_from_dict(
+        with_sizes(base, tmp_path / "a", measure={**SIZES["measure"], "runtime": "int8_dynamic"})
+    )
     with pytest.raises(InputError, match="proxy.mode: lut"):
         optimize(lut, log=lambda s: None)
-    gpu = recipe_from_dict(
-        with_sizes(base, tmp_path / "b", device="cuda", **in_runtime("int8_dynamic"))
-    )
+    gpu = recipe_from_dict(with_sizes(base, tmp_path / "b", device="cuda", **in_runtime("int8_dynamic")))
     with pytest.raises(InputError, match="CPU only"):
         optimize(gpu, log=lambda s: None)
 
@@ -248,9 +251,17 @@ def int8_error(student: torch.nn.Module, teacher: torch.nn.Module, batches: list
 def finetuned(start: torch.nn.Module, teacher, batches, qat: str, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     cfg = FinetuneConfig(
-        steps=100, lr=1e-4, warmup_steps=0, bn_recalib_batches=0, qat=qat, runtime="int8_dynamic", progress=False
+        steps=100,
+        lr=1e-4,
+        warmup_steps=0,
+        bn_recalib_batches=0,
+        qat=qat,
+        runtime="int8_dynamic",
+        progress=False,
     )
-    student, _ = finetune_student(copy.deepcopy(start), teacher, adapter_for(teacher), batches, cfg, KDConfig())
+    student, _ = finetune_student(
+        copy.deepcopy(start), teacher, adapter_for(teacher), batches, cfg, KDConfig()
+    )
     return student
 
 
@@ -274,7 +285,10 @@ def test_qat_lowers_the_int8_error() -> None:
             p.add_(0.002 * p.std() * torch.randn_like(p))
     g = torch.Generator().manual_seed(seed)
     batches = [
-        {"input_ids": torch.randint(1, 61, (8, 12), generator=g), "attention_mask": torch.ones(8, 12, dtype=torch.long)}
+        {
+            "input_ids": torch.randint(1, 61, (8, 12), generator=g),
+            "attention_mask": torch.ones(8, 12, dtype=torch.long),
+        }
         for _ in range(12)
     ]
     batches, held = batches[:8], batches[8:]  # trained on, scored on

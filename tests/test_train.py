@@ -164,7 +164,9 @@ def test_bad_target_and_config():
         TrainConfig(amp="int8")
 
 
-def landing(price_eval_frac: float, constraint: str = "equality", steps: int = 80, **kw) -> tuple[float, float, float]:
+def landing(
+    price_eval_frac: float, constraint: str = "equality", steps: int = 80, **kw
+) -> tuple[float, float, float]:
     """Gate training of a tiny ResNet (weights frozen: only the gates move) against a
     deterministic latency that follows the kept units, to 60 % of keep-all. Returns the
     eval-mode keep set's latency relative to the target, the final lambda, and the expected
@@ -221,9 +223,12 @@ def test_the_last_steps_price_the_eval_keep_set_straight_through():
         grads[step] = (float(proxy_ms), store.logits.grad.clone())
     assert grads[0][0] == pytest.approx(soft_ms, rel=1e-5)
     assert grads[4][0] == pytest.approx(hard_ms, rel=1e-5)
+
     # both are (lambda + 2 mu v) / target x the gradient of the expected widths' proxy: only the
     # violation v differs (the eval keep set's in the priced phase)
     def scale(ms: float) -> float:
         return 2.0 + 2.0 * cfg.lambda_quad * (ms - 5.0) / 5.0
 
-    torch.testing.assert_close(grads[4][1], grads[0][1] * scale(hard_ms) / scale(soft_ms), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(
+        grads[4][1], grads[0][1] * scale(hard_ms) / scale(soft_ms), rtol=1e-4, atol=1e-7
+    )

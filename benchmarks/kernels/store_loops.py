@@ -14,7 +14,9 @@ def sample_loop(store, noise: torch.Tensor) -> list[torch.Tensor]:
     out = []
     for s in store.segments:
         lg, u = store.logits[s.start : s.stop], noise[s.start : s.stop].clamp(1e-6, 1 - 1e-6)
-        z = torch.sigmoid((torch.log(u) - torch.log1p(-u) + lg + store.tau * math.log(-gamma / zeta)) / store.tau)
+        z = torch.sigmoid(
+            (torch.log(u) - torch.log1p(-u) + lg + store.tau * math.log(-gamma / zeta)) / store.tau
+        )
         out.append((z * (zeta - gamma) + gamma).clamp(0.0, 1.0))
     return out
 

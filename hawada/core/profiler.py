@@ -293,7 +293,9 @@ def _cpp_samples(
             return [], ""
         script, args = prog
         ext = _ext.load()
-        return adaptive_samples(lambda n, w: ext.time_script_cpu(script, args, n, w), *stop), "cpp_steady_clock"
+        return adaptive_samples(
+            lambda n, w: ext.time_script_cpu(script, args, n, w), *stop
+        ), "cpp_steady_clock"
     if not (dev.type == "cuda" and cuda_graph and _ext.has_cuda()):
         if required:
             raise InputError(

@@ -45,6 +45,7 @@ def task_output(adapter: Adapter, model: nn.Module, batch: Any) -> torch.Tensor:
     own = getattr(model, "task_output", None)
     return own(batch) if callable(own) else adapter.output(model, batch)
 
+
 # Imported on the first lookup. They import optional libraries (torchvision, transformers,
 # scikit-learn) only inside the functions that use them, so loading them all never needs one.
 BUILTIN_JOBS = ("hawada.jobs.vision", "hawada.jobs.text", "hawada.jobs.lm")

@@ -229,6 +229,7 @@ def build_lm_job(recipe: Recipe, device: torch.device) -> Job:
     # the decoder adapter needs transformers: imported when a decoder job is built, so that
     # looking the job kinds up does not
     from hawada.adapters.hf_decoder import CheckpointError, VocabMismatchError
+
     d, m, tgt = recipe.data, recipe.model, recipe.target
     adapter = get_adapter(m.family)
     if adapter.family != "hf_decoder":

@@ -157,7 +157,9 @@ def build_text_job(recipe: Recipe, device: torch.device) -> Job:
 
     info = {
         "data": d.kind,
-        "model_folder": os.path.basename(os.path.dirname(os.path.normpath(source))) if m.path is None else "model.path",
+        "model_folder": os.path.basename(os.path.dirname(os.path.normpath(source)))
+        if m.path is None
+        else "model.path",
         "passages": {k: len(v) for k, v in corpus.splits.items()},
         ("documents" if d.kind == "text" else "modules"): corpus.modules,
         "chars": corpus.chars,

@@ -205,7 +205,9 @@ class _Pool:
         else:
             n = len(self.busy)
             log = open(os.path.join(self.tmp, f"worker{n}.log"), "w+")  # noqa: SIM115  (closed in close())
-            worker = _Worker(f"{runtime} worker {n}", Artifact(folder, runtime), self.inputs_path, threads, log)
+            worker = _Worker(
+                f"{runtime} worker {n}", Artifact(folder, runtime), self.inputs_path, threads, log
+            )
             worker.ask()
         self.busy.append(worker)
         return worker

@@ -97,7 +97,6 @@ class _Worker:
                 self.proc.wait()
 
 
-
 def save_inputs(names: list[str], tensors: list[torch.Tensor], path: str) -> None:
     """The example inputs a worker process times, as safetensors (no pickle crosses processes)."""
     from safetensors.torch import save_file
@@ -117,6 +116,7 @@ def load_inputs(path: str) -> tuple[list[str], list[torch.Tensor]]:
         names = json.loads(f.metadata()["names"])
         tensors = [f.get_tensor(f"t{i}") for i in range(len(f.keys()))]
     return names, tensors
+
 
 def time_artifacts(
     artifacts: dict[str, Artifact],

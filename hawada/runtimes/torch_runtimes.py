@@ -152,6 +152,8 @@ class Compile(Runtime):
             spec = json.load(f)
         model = load_slim(folder)
         module = torch.compile(
-            OutputOf(model, names, adapter_for(model)).eval(), backend=spec["backend"], dynamic=spec["dynamic"]
+            OutputOf(model, names, adapter_for(model)).eval(),
+            backend=spec["backend"],
+            dynamic=spec["dynamic"],
         )
         return _torch_deployed(self.name, module, names)
