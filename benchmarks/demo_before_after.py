@@ -12,11 +12,14 @@ the recipe runtime's artifacts and timed interleaved, each in its own child proc
 machine, with bootstrap 95% intervals. Quality is each run's report (its deployed model against
 the teacher on the test split), and is recomputed here on the same passages.
 
-    python benchmarks/demo_before_after.py --after RUN [--before RUN] [--keep DIR]
+    python benchmarks/demo_before_after.py --after RUN [--after RUN ...] [--before RUN] [--keep DIR]
 
 ``--after`` is a finished run folder of the shipped recipe (e.g. one kept by
-``demo_runs.py --keep``); without ``--before`` the "before" run is trained here first (one whole
-``hawada optimize``, in its own process). Writes ``benchmarks/results/demo_before_after.json``.
+``demo_runs.py --keep``), repeatable: runs of one recipe land at different speeds, and the
+comparison at equal speed is against the "after" run nearest the "before" one in measured
+speedup (every after run is timed and scored beside it). Without ``--before`` the "before" run
+is trained here first (one whole ``hawada optimize``, in its own process). Writes
+``benchmarks/results/demo_before_after.json``.
 """
 
 from __future__ import annotations
@@ -55,7 +58,12 @@ def read_report(run: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--after", required=True, help="a finished run folder of the shipped recipe")
+    p.add_argument(
+        "--after",
+        action="append",
+        required=True,
+        help="a finished run folder of the shipped recipe (repeatable)",
+    )
     p.add_argument("--before", default=None, help="a finished run folder of the 'before' settings")
     p.add_argument("--keep", default=None, help="train the 'before' run into DIR/before (kept)")
     p.add_argument("--threads", type=int, default=2)
@@ -69,18 +77,18 @@ def main() -> None:
     if before_run is None:
         before_run = os.path.join(a.keep or tmp.name, "before")
         run_once(RECIPE, BEFORE, before_run)
-    runs = {"before": before_run, "after": a.after}
+    runs = {"before": before_run, **{f"after:{os.path.basename(os.path.normpath(r))}": r for r in a.after}}
     reports = {k: read_report(v) for k, v in runs.items()}
-    runtime = reports["after"]["recipe"]["measure"]["runtime"]
-    if reports["before"]["recipe"]["measure"]["runtime"] != runtime:
-        raise SystemExit("the two runs measured in different runtimes")
-    max_chars = reports["after"]["recipe"]["data"]["max_chars"]
+    first = reports[next(k for k in runs if k != "before")]["recipe"]
+    if len({r["recipe"]["measure"]["runtime"] for r in reports.values()}) != 1:
+        raise SystemExit("the runs measured in different runtimes")
+    runtime, max_chars = first["measure"]["runtime"], first["data"]["max_chars"]
 
     torch.set_num_threads(a.threads)
     teacher, tok = load_teacher()
-    seq_len = reports["after"]["recipe"]["data"]["seq_len"]
+    seq_len = first["data"]["seq_len"]
     test = tokenize(tok, build_corpus(max_chars).splits["test"], seq_len)
-    batch = reports["after"]["recipe"]["target"]["batch_size"]
+    batch = first["target"]["batch_size"]
     lat = latency_inputs(test, batch, seq_len)
     models = {"teacher": teacher, **{k: hawada.load_slim(os.path.join(v, "slim")) for k, v in runs.items()}}
     arts = {}
@@ -102,8 +110,21 @@ def main() -> None:
         }
         s, q = arms[name]["speedup"], arms[name]["quality_test"]
         print(
-            f"{name:7s} x{s['ratio']:.2f} ({s['ci95'][0]:.2f}-{s['ci95'][1]:.2f}) cos {q['mean_cosine']:.4f}"
+            f"{name:12s} x{s['ratio']:.2f} ({s['ci95'][0]:.2f}-{s['ci95'][1]:.2f}) cos {q['mean_cosine']:.4f}"
         )
+    # equal speed: the after run whose measured speedup is nearest the before run's
+    before = arms["before"]
+    near = min(
+        (k for k in arms if k != "before"),
+        key=lambda k: abs(arms[k]["speedup"]["ratio"] - before["speedup"]["ratio"]),
+    )
+    faster_and_closer = [
+        k
+        for k in arms
+        if k != "before"
+        and arms[k]["speedup"]["ratio"] >= before["speedup"]["ratio"]
+        and arms[k]["quality_test"]["mean_cosine"] >= before["quality_test"]["mean_cosine"]
+    ]
     write_result(
         a.name,
         {
@@ -119,8 +140,11 @@ def main() -> None:
             },
             "teacher_latency": timings["teacher"].to_dict(samples=True),
             "arms": arms,
-            "after_minus_before_cosine": arms["after"]["quality_test"]["mean_cosine"]
-            - arms["before"]["quality_test"]["mean_cosine"],
+            "nearest_after": near,
+            "nearest_speedup_ratio": arms[near]["speedup"]["ratio"] / before["speedup"]["ratio"],
+            "nearest_after_minus_before_cosine": arms[near]["quality_test"]["mean_cosine"]
+            - before["quality_test"]["mean_cosine"],
+            "after_runs_faster_and_closer": faster_and_closer,
         },
     )
     tmp.cleanup()
