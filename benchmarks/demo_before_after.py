@@ -25,21 +25,19 @@ is trained here first (one whole ``hawada optimize``, in its own process). Write
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 
 import torch
-from common import HERE, write_result
-from demo_runs import run_once, summarize_report
-from runtime_side_by_side import embed, latency_inputs, load_teacher, quality, speedup
+from common import write_result
+from demo_runs import read_report, run_once, summarize_report
+from runtime_side_by_side import embed, latency_inputs, load_teacher, quality, save_artifacts, speedup
 
 import hawada
 from hawada.adapters.base import get_adapter
 from hawada.data.text import build_corpus, tokenize
-from hawada.runtimes import Artifact, load_artifact, save_artifact, time_artifacts
+from hawada.runtimes import load_artifact, time_artifacts
 
-ROOT = os.path.dirname(HERE)
 RECIPE = "recipes/cpu/minilm-l6.yaml"
 # The gate training the demo had before issue 14 (recipe of 2026-11-30, on today's gate scale).
 BEFORE = [
@@ -49,11 +47,6 @@ BEFORE = [
     "gates.kinds=[head,ffn]",
     "search.fill_probes=6",
 ]
-
-
-def read_report(run: str) -> dict:
-    with open(os.path.join(run, "report.json")) as f:
-        return json.load(f)
 
 
 def main() -> None:
@@ -91,10 +84,8 @@ def main() -> None:
     batch = first["target"]["batch_size"]
     lat = latency_inputs(test, batch, seq_len)
     models = {"teacher": teacher, **{k: hawada.load_slim(os.path.join(v, "slim")) for k, v in runs.items()}}
-    arts = {}
-    for name, model in models.items():
-        save_artifact(model, lat, os.path.join(tmp.name, "artifacts", name), runtime)
-        arts[name] = Artifact(os.path.join(tmp.name, "artifacts", name), runtime)
+    by_key = save_artifacts(models, [runtime], lat, os.path.join(tmp.name, "artifacts"))
+    arts = {name: by_key[f"{name}/{runtime}"] for name in models}
     timings = time_artifacts(arts, lat, threads=a.threads, rounds=a.rounds, repeats=a.repeats)
 
     adapter = get_adapter("hf_encoder")

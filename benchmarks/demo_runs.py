@@ -73,8 +73,13 @@ def run_once(recipe: str, sets: list[str], out_dir: str) -> tuple[dict, float]:
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
     wall = time.perf_counter() - t0
-    with open(os.path.join(out_dir, "report.json")) as f:
-        return json.load(f), wall
+    return read_report(out_dir), wall
+
+
+def read_report(run_dir: str) -> dict:
+    """The report.json of a finished run folder."""
+    with open(os.path.join(run_dir, "report.json")) as f:
+        return json.load(f)
 
 
 def spread(xs: list[float]) -> dict:

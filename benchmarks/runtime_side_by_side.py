@@ -91,6 +91,18 @@ def latency_inputs(data: Tokenized, batch: int, seq_len: int) -> dict[str, torch
     }
 
 
+def save_artifacts(
+    models: dict[str, torch.nn.Module], runtimes: list[str], inputs: dict, root: str
+) -> dict[str, Artifact]:
+    """Each model's artifact in each runtime, in ``root/NAME``; keyed ``"NAME/RUNTIME"``."""
+    arts = {}
+    for m, model in models.items():
+        for r in runtimes:
+            save_artifact(model, inputs, os.path.join(root, m), r)
+            arts[f"{m}/{r}"] = Artifact(os.path.join(root, m), r)
+    return arts
+
+
 def quality(emb: torch.Tensor, ref: torch.Tensor) -> dict:
     ra = retrieval_agreement(emb, ref, k=10)
     return {
@@ -157,12 +169,7 @@ def main() -> None:
     lat = latency_inputs(sets["test"], a.batch, a.seq_len)
 
     tmp = None if a.artifacts else tempfile.TemporaryDirectory(prefix="hawada-side-by-side-")
-    root = a.artifacts or tmp.name
-    arts = {}
-    for m, model in models.items():
-        for r in runtimes:
-            save_artifact(model, lat, os.path.join(root, m), r)
-            arts[f"{m}/{r}"] = Artifact(os.path.join(root, m), r)
+    arts = save_artifacts(models, runtimes, lat, a.artifacts or tmp.name)
     timings = time_artifacts(
         arts, lat, threads=a.threads, warmup=a.warmup, rounds=a.rounds, repeats=a.repeats
     )
