@@ -371,3 +371,59 @@ def test_layer_gate_hooks_are_stripped_and_copied() -> None:
     assert not any(
         getattr(h, "_hawada_gate", False) for m in plain.modules() for h in m._forward_hooks.values()
     )
+
+
+# ---------------------------------------------------------------------- training commits depth
+def vit_trainer(steps: int, **cfg_kw):
+    """A gated tiny ViT (3 layers) against its teacher, with an analytic proxy; layer 0's gate
+    just open (logit +0.05), layer 1's shut (-1), layer 2's open."""
+    from transformers import ViTForImageClassification
+
+    from hawada.core.train import LagrangeTrainer, TrainConfig
+
+    g = enc.gated("ViTForImageClassification")
+    torch.manual_seed(0)
+    teacher = ViTForImageClassification(enc.vit_cfg()).eval()
+    store, ad = hawada.gates(g), g._hawada_adapter
+    proxy = LatencyProxy(store, ad.cost_terms(g, ad.example_inputs(g, 4)), mode="analytic")
+    proxy.calibrate([store.seg_units, store.seg_units / 2], [2.0, 1.0])
+    for i, logit in enumerate((0.05, -1.0, 3.0)):
+        with torch.no_grad():
+            store.logits[store.segment(f"layer{i}.layer").start] = logit
+    cfg = TrainConfig(
+        steps=steps, target_ramp_steps=0, price_eval_frac=0.5, constraint="equality", progress=False, **cfg_kw
+    )
+    tr = LagrangeTrainer(g, teacher, proxy, 1.5, cfg)
+    batch = (torch.randn(4, 3, 12, 12), torch.zeros(4, dtype=torch.long))
+    return tr, store, batch
+
+
+def layer_logits(store) -> list[float]:
+    return [float(store.logits.detach()[s.start]) for s in store.segments if s.kind == "layer"]
+
+
+def test_the_eval_set_phase_pins_each_layer_gate_on_its_eval_side() -> None:
+    """Before the eval-set phase layer gates train like any other; from its first step each is
+    pinned at +-logit_clip on the side export reads (logit > 0), and stays there while the
+    optimizer's momentum and lambda push on it. Widths keep training. ``commit_layers: false``
+    leaves them free."""
+    tr, store, batch = vit_trainer(4)
+    clip = store.config.logit_clip
+    for _ in range(2):  # steps 0 and 1 of 4: not yet the eval-set phase (steps 2 and 3)
+        tr.step(batch)
+    free = layer_logits(store)
+    assert all(abs(v) < clip for v in free) and free != [0.05, -1.0, 3.0]
+    sides = [v > 0 for v in free]
+    assert True in sides and False in sides  # both sides are pinned
+    widths = store.logits.detach().clone()
+    for _ in range(2):
+        tr.step(batch)
+        assert layer_logits(store) == [clip if o else -clip for o in sides]
+    # width gates are still trained in the phase
+    w = [g for s in store.segments if s.kind != "layer" for g in range(s.start, s.stop)]
+    assert not torch.equal(store.logits.detach()[w], widths[w])
+
+    tr, store, batch = vit_trainer(4, commit_layers=False)
+    for _ in range(4):
+        tr.step(batch)
+    assert all(abs(v) < clip for v in layer_logits(store))

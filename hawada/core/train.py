@@ -102,6 +102,11 @@ class TrainConfig:
         help="last fraction of the gate steps (after the target ramp) in which the latency term "
         "prices the eval-mode keep set, the one export takes, with a straight-through gradient",
     )
+    commit_layers: bool = knob(
+        True,
+        help="when the eval-set phase begins, fix every layer gate on its eval side (logit at "
+        "+-gates.logit_clip) and stop training it: depth is decided, the widths land the keep set",
+    )
     probe_every: int = knob(50, lo=0)
     alternating: bool = False
     amp: AmpMode = "off"
@@ -239,6 +244,11 @@ class LagrangeTrainer:
         for i, seg in enumerate(self.store.segments):
             kinds.setdefault(seg.kind, []).append(i)
         self._kind_index = {k: torch.tensor(v, device=self.device) for k, v in kinds.items()}
+        self._layer_gates = torch.tensor(
+            [g for s in self.store.segments if s.kind == "layer" for g in range(s.start, s.stop)],
+            dtype=torch.long,
+            device=self.device,
+        )
         for p in teacher.parameters():
             p.requires_grad_(False)
         teacher.eval()
@@ -276,6 +286,26 @@ class LagrangeTrainer:
         f = self.cfg.price_eval_frac
         start = max(self.cfg.target_ramp_steps, int(round(self.cfg.steps * (1.0 - f))))
         return f > 0 and step >= start
+
+    @torch.no_grad()
+    def _commit_layers(self) -> None:
+        """In the eval-set phase, pin every layer gate at ``+-logit_clip`` on its eval side.
+
+        Why: a layer gate is one gate worth a whole layer's latency (a sixth of a 6-layer
+        encoder). While the eval keep set is priced, the equality term pulls the keep set onto the
+        target from both sides; a layer logit near 0 then flips open and shut, and the keep set
+        export takes at the last step can sit a whole layer off the target (+20 % and +33 % on two
+        of three demo runs). Pinned, depth stays where the trade-off put it during the ramp, and
+        the fine-grained width gates alone land the keep set. At the clip the training samples of
+        a pinned gate are (almost surely) its eval value, so training and export agree on depth.
+        """
+        if not self.cfg.commit_layers or self._layer_gates.numel() == 0:
+            return
+        if not self.prices_eval_set(self.step_idx):
+            return
+        lg = self.store.logits[self._layer_gates]
+        clip = self.store.config.logit_clip
+        self.store.logits[self._layer_gates] = torch.where(lg > 0, clip, -clip).to(lg.dtype)
 
     def _gate_terms(self, target: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pen = combined_penalty(self.store, self.cfg.penalties)
@@ -340,6 +370,7 @@ class LagrangeTrainer:
         target = self.target_at(self.step_idx)
         if cfg.anneal:
             self.store.anneal(self.step_idx, cfg.steps)
+        self._commit_layers()
         terms: dict[str, torch.Tensor] = {}
 
         def body() -> bool:
@@ -366,6 +397,7 @@ class LagrangeTrainer:
         if ok:
             self.scaler.update()
             project_gates_into_constraints(self.store)
+            self._commit_layers()  # the optimizer's momentum must not move a pinned layer gate
             with torch.no_grad():
                 viol = (proxy_ms.detach() - target) / target
                 lo = -cfg.lambda_max if cfg.constraint == "equality" else 0.0
